@@ -1,0 +1,102 @@
+"""Making draft checkpoints: a fresh draft for a target, or one imported from the authors' release.
+
+Saving and loading a draft directory is :meth:`ChimeraDraft.save_pretrained` /
+:meth:`ChimeraDraft.from_pretrained`; the config format is in config.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import ChimeraConfig, TargetSpec
+from .model import ChimeraCheckpointError, ChimeraDraft, TargetParts
+
+OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
+
+
+def init_draft(
+    target: PreTrainedModel,
+    target_name_or_path: str,
+    num_heads: int = 4,
+    seed: int = 0,
+    trigram_mlp: str = "resblock",
+    head_type: str = "residual",
+) -> ChimeraDraft:
+    """An untrained draft for `target`, its heads initialised from the target's LM head."""
+    config = ChimeraConfig(
+        TargetSpec.from_target_config(target.config),
+        num_heads=num_heads,
+        trigram_mlp=trigram_mlp,
+        head_type=head_type,
+        verifier_name_or_path=target_name_or_path,
+        verifier_architectures=list(target.config.architectures or []),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draft = ChimeraDraft(config)
+    draft.init_heads_from_target(TargetParts.from_model(target))
+    return draft.to(device=target.device, dtype=target.dtype).eval()
+
+
+def _load_official_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"official Chimera checkpoint file missing: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or non-tensor pickles
+        raise ChimeraCheckpointError(f"cannot read {path} as a tensor state dict: {e}") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ChimeraCheckpointError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def convert_official(target: PreTrainedModel, target_name_or_path: str, official_dir: str | Path) -> ChimeraDraft:
+    """Import kafkayu/Chimera's trimlp.pt, fast_layer1.pt and chimera_head.pt.
+
+    Their modules: trimlp = Sequential(ResBlock(3H), Linear(3H->H, no bias));
+    fast_layer1 = Sequential(LlamaDecoderLayer); chimera_head[k] = Sequential(Linear(2H->V, no bias))
+    over concat(h_a, ĥ). They map onto a draft with trigram_mlp="resblock", head_type="full".
+    """
+    official_dir = Path(official_dir)
+    trimlp, layer, heads = (_load_official_file(official_dir / name) for name in OFFICIAL_FILES)
+
+    state = {f"trigram.mlp.{k}": v for k, v in trimlp.items()}
+    state.update(
+        {f"encoder.{k.split('.', 1)[1]}": v for k, v in layer.items() if not k.endswith("rotary_emb.inv_freq")}
+    )
+    head_keys = sorted((k for k in heads), key=lambda k: int(k.split(".")[0]))
+    if not head_keys or any(not k.endswith(".0.weight") for k in head_keys):
+        raise ChimeraCheckpointError(f"{official_dir / 'chimera_head.pt'}: expected keys '<k>.0.weight', got {head_keys}")
+    state["heads.weight"] = torch.stack([heads[k] for k in head_keys])
+
+    gate = state.get("encoder.mlp.gate_proj.weight")
+    if gate is None:
+        raise ChimeraCheckpointError(f"{official_dir / 'fast_layer1.pt'}: no 0.mlp.gate_proj.weight")
+    config = ChimeraConfig(
+        TargetSpec.from_target_config(target.config),
+        num_heads=len(head_keys),
+        trigram_mlp="resblock",
+        head_type="full",
+        intermediate_size=gate.shape[0],
+        verifier_name_or_path=target_name_or_path,
+        verifier_architectures=list(target.config.architectures or []),
+    )
+    draft = ChimeraDraft(config)
+    expected = draft.state_dict()
+    for name, value in state.items():
+        if name not in expected:
+            raise ChimeraCheckpointError(f"{official_dir}: unexpected official weight for {name}")
+        if value.shape != expected[name].shape:
+            raise ChimeraCheckpointError(
+                f"{official_dir}: {name} has shape {tuple(value.shape)}, but target "
+                f"{target_name_or_path} (hidden {config.hidden_size}, vocab {config.vocab_size}) "
+                f"needs {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ChimeraCheckpointError(f"{official_dir}: official checkpoint lacks {missing}")
+    draft.load_state_dict(state)
+    return draft.to(device=target.device, dtype=target.dtype).eval()

@@ -1,0 +1,152 @@
+"""The ``chimera-vllm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from .config import HEAD_TYPES, TRIGRAM_MLPS
+
+
+def _eos_ids(target, tokenizer) -> set[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(target.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .decoding import SpeculativeDecoder
+    from .model import ChimeraDraft
+    from .prompts import encode_prompts
+    from .target import load_target, load_tokenizer
+
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)
+    target = load_target(args.target, args.dtype, args.device)
+    draft = None
+    if args.draft:
+        draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
+    decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
+    outputs, stats = decoder.generate(prompts, args.max_new_tokens, _eos_ids(target, tokenizer), progress=not args.json)
+    records = [
+        {"prompt_index": i, "token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)}
+        for i, ids in enumerate(outputs)
+    ]
+    if args.json:
+        print(json.dumps({"outputs": records, "stats": stats.to_dict()}))
+        return
+    for r in records:
+        print(f"--- prompt {r['prompt_index']}\n{r['text']}")
+    s = stats.to_dict()
+    print(
+        f"\n{len(records)} prompts, {stats.output_tokens} tokens in {s['wall_s']:.2f} s "
+        f"({s['output_tokens_per_s']:.1f} tok/s), mean accepted length {s['mean_accepted_length']:.2f}"
+    )
+
+
+def cmd_init_draft(args: argparse.Namespace) -> None:
+    from .checkpoint import init_draft
+    from .target import load_target
+
+    target = load_target(args.target, args.dtype)
+    draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
+    draft.save_pretrained(args.out)
+    print(f"wrote an untrained Chimera draft ({args.num_heads} heads) for {args.target} to {args.out}")
+
+
+def cmd_convert_official(args: argparse.Namespace) -> None:
+    from .checkpoint import convert_official
+    from .target import load_target
+
+    target = load_target(args.target, args.dtype)
+    draft = convert_official(target, args.target, args.official)
+    draft.save_pretrained(args.out)
+    print(f"converted the official checkpoint in {args.official} to {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.trainer import TrainArgs, train
+
+    names = {f.name for f in fields(TrainArgs)}
+    out = train(TrainArgs(**{k: v for k, v in vars(args).items() if k in names}))
+    print(f"trained draft written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chimera-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="decode prompts with the target, optionally speculating with a Chimera draft")
+    g.add_argument("--target", required=True, help="target model directory or offline hub name")
+    g.add_argument("--draft", help="Chimera draft directory (omit to decode with the target alone)")
+    g.add_argument("--prompts", required=True, help=".jsonl with prompt/turns per line, or text with one prompt a line")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default: all heads)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine", choices=["hf"], default="hf")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", action="store_true", help="print outputs and stats as one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("init-draft", help="write an untrained Chimera draft for a target")
+    i.add_argument("--target", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--num-heads", type=int, default=4)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
+    i.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
+    i.add_argument("--dtype", default="float32")
+    i.set_defaults(func=cmd_init_draft)
+
+    c = sub.add_parser("convert-official", help="import kafkayu/Chimera's released .pt files")
+    c.add_argument("--target", required=True)
+    c.add_argument("--official", required=True, help="directory with trimlp.pt, fast_layer1.pt, chimera_head.pt")
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", default="float32")
+    c.set_defaults(func=cmd_convert_official)
+
+    t = sub.add_parser("train", help="train a Chimera draft by distillation (runs under torchrun too)")
+    t.add_argument("--target", required=True)
+    t.add_argument("--data", required=True, help='token-id JSONL: {"input_ids": [...], "prompt_length": n} per line')
+    t.add_argument("--out", required=True)
+    t.add_argument("--init-draft", help="start from this draft instead of a fresh one")
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
+    t.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=20)
+    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--step-decay", type=float, default=0.8, help="loss weight of head k is decay**k")
+    t.add_argument("--mse-weight", type=float, default=1.0)
+    t.add_argument("--kl-weight", type=float, default=0.0)
+    t.add_argument("--save-every", type=int, default=200)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint in --out")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors subclass ValueError and name the bad value
+        print(f"chimera-vllm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Reference speculative decoder on transformers: the target verifies the Chimera draft.
+
+One loop serves plain decoding (no draft: one token per target step) and
+Chimera speculative decoding. The batch keeps one slot per fed token in the
+target's KV cache; slots of rejected drafts stay behind as masked holes until
+no request needs the tail, which is then cropped. The draft's encoder keeps
+keys/values of the verified hidden states in the same slots, under the same mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache
+
+from .model import ChimeraDraft, TargetParts
+from .sampling import TokenSampler
+from .target import final_hidden
+
+
+@dataclass
+class DecodeStats:
+    """Counters over the decode steps (the prefill's first token is not a target step)."""
+
+    num_speculative_tokens: int
+    target_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+    output_tokens: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        steps = max(self.target_steps, 1)
+        return {
+            "target_steps": self.target_steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "mean_accepted_length": (self.target_steps + self.accepted_tokens) / steps,
+            "acceptance_by_position": [a / steps for a in self.accepted_by_position],
+            "wall_s": self.wall_s,
+            "output_tokens_per_s": self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0,
+        }
+
+
+class _Requests:
+    """Per-request host state: token histories, outputs, stop rules."""
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: set[int]):
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        self.tokens = [list(p) for p in prompts]
+        self.outputs: list[list[int]] = [[] for _ in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos_token_ids
+
+    def emit(self, request: int, new_tokens: list[int]) -> bool:
+        """Append tokens until EOS or max_new_tokens; return True when the request is finished."""
+        out = self.outputs[request]
+        for t in new_tokens:
+            out.append(t)
+            self.tokens[request].append(t)
+            if t in self.eos or len(out) >= self.max_new_tokens:
+                return True
+        return False
+
+    def last_three(self, requests: list[int]) -> Tensor:
+        """(x_{n-1}, x_n, x_{n+1}) per request, x_0 standing in for missing tokens."""
+        rows = []
+        for r in requests:
+            t = self.tokens[r]
+            rows.append([t[max(len(t) - 3, 0)], t[max(len(t) - 2, 0)], t[-1]])
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class _DeviceState:
+    """Tensors of the requests still running, one row each."""
+
+    rows: list[int]  # request index of each row
+    cache: DynamicCache
+    valid: Tensor  # [B, S] bool: slot holds a verified token
+    next_pos: Tensor  # [B] position of the pending token x_{n+1}
+    pending: Tensor  # [B] x_{n+1}: produced by the target, not yet fed to it
+    anchor: Tensor  # [B, H] h_n
+    ctx_k: Tensor | None  # [B, kvh, S, d] draft encoder keys of verified slots
+    ctx_v: Tensor | None
+
+    def keep(self, keep_rows: list[int]) -> None:
+        idx = torch.tensor(keep_rows, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep_rows]
+        self.cache.batch_select_indices(idx)
+        for name in ("valid", "next_pos", "pending", "anchor", "ctx_k", "ctx_v"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[idx])
+
+    def crop_tail(self) -> None:
+        """Drop trailing slots that no running request still uses."""
+        used = self.valid.any(dim=0).nonzero()
+        unused = self.valid.shape[1] - (int(used.max()) + 1 if len(used) else 0)
+        if unused > 0:
+            self.cache.crop(-unused)
+            self.valid = self.valid[:, :-unused]
+            if self.ctx_k is not None:
+                self.ctx_k, self.ctx_v = self.ctx_k[:, :, :-unused], self.ctx_v[:, :, :-unused]
+
+
+class SpeculativeDecoder:
+    """Chimera speculative decoding (or plain decoding without a draft) on a transformers target."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: ChimeraDraft | None = None,
+        num_speculative_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ):
+        self.target = target
+        self.draft = draft
+        self.parts = TargetParts.from_model(target)
+        if draft is None:
+            self.k = 0
+        else:
+            draft.config.check_target(target.config)
+            self.k = draft.num_heads if num_speculative_tokens is None else num_speculative_tokens
+            draft.check_num_steps(self.k)
+        self.sampler = TokenSampler(temperature, seed, device=target.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        eos_token_ids: set[int] | None = None,
+        progress: bool = False,
+    ) -> tuple[list[list[int]], DecodeStats]:
+        """Decode every prompt as one batch; returns the new token ids of each and the counters."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        reqs = _Requests(prompts, max_new_tokens, eos_token_ids or set())
+        stats = DecodeStats(self.k, accepted_by_position=[0] * self.k)
+        start = time.perf_counter()
+        bar = tqdm(total=len(prompts) * max_new_tokens, disable=not progress, unit="tok")
+        state = self._prefill(reqs)
+        bar.update(len(prompts))
+        while state.rows:
+            before = sum(len(o) for o in reqs.outputs)
+            self._step(reqs, state, stats)
+            bar.update(sum(len(o) for o in reqs.outputs) - before)
+        bar.close()
+        stats.wall_s = time.perf_counter() - start
+        stats.output_tokens = sum(len(o) for o in reqs.outputs)
+        return reqs.outputs, stats
+
+    def _prefill(self, reqs: _Requests) -> _DeviceState:
+        device = self.target.device
+        lengths = [len(t) for t in reqs.tokens]
+        L = max(lengths)
+        ids = torch.zeros(len(lengths), L, dtype=torch.long)
+        mask = torch.zeros(len(lengths), L, dtype=torch.bool)
+        for i, t in enumerate(reqs.tokens):  # left padding: every prompt ends in the last slot
+            ids[i, L - len(t):] = torch.tensor(t)
+            mask[i, L - len(t):] = True
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        hidden = final_hidden(self.target, ids, mask.long(), positions, cache)
+        anchor = hidden[:, -1]
+        first = self.sampler.sample(self._lm_head(anchor))
+        ctx_k = ctx_v = None
+        if self.draft is not None:
+            ctx_k, ctx_v = self.draft.encoder.context_kv(hidden, positions)
+        state = _DeviceState(
+            rows=list(range(len(lengths))),
+            cache=cache,
+            valid=mask,
+            next_pos=torch.tensor(lengths, device=device),
+            pending=first,
+            anchor=anchor,
+            ctx_k=ctx_k,
+            ctx_v=ctx_v,
+        )
+        running = [i for i, tok in enumerate(first.tolist()) if not reqs.emit(i, [tok])]
+        state.keep(running)
+        return state
+
+    def _lm_head(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.parts.lm_head_weight)
+
+    def _step(self, reqs: _Requests, state: _DeviceState, stats: DecodeStats) -> None:
+        """One target step: draft K tokens, verify them, keep the accepted prefix and one more."""
+        K, device = self.k, self.target.device
+        if K:
+            drafts, draft_logits = self.draft.propose(
+                self.parts, state.ctx_k, state.ctx_v, state.valid,
+                reqs.last_three(state.rows).to(device), state.next_pos, state.anchor,
+                K, self.sampler.choose,
+            )
+            ids = torch.cat([state.pending[:, None], drafts], dim=1)
+        else:
+            ids = state.pending[:, None]
+        B = ids.shape[0]
+        positions = state.next_pos[:, None] + torch.arange(K + 1, device=device)
+        attn = torch.cat([state.valid, torch.ones(B, K + 1, dtype=torch.bool, device=device)], dim=1)
+        hidden = final_hidden(self.target, ids, attn.long(), positions, state.cache)
+        logits = self._lm_head(hidden)
+        if K:
+            accepted, nxt = self.sampler.verify(drafts, draft_logits, logits)
+        else:
+            accepted, nxt = torch.zeros(B, dtype=torch.long, device=device), self.sampler.sample(logits[:, 0])
+
+        rows = torch.arange(B, device=device)
+        new_valid = torch.arange(K + 1, device=device)[None] <= accepted[:, None]
+        state.valid = torch.cat([state.valid, new_valid], dim=1)
+        if self.draft is not None:
+            new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
+            state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
+            state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)
+        state.anchor = hidden[rows, accepted]
+        state.next_pos = state.next_pos + 1 + accepted
+        state.pending = nxt
+
+        stats.target_steps += B
+        stats.draft_tokens += B * K
+        stats.accepted_tokens += int(accepted.sum())
+        for i in range(K):
+            stats.accepted_by_position[i] += int((accepted > i).sum())
+
+        running = []
+        acc, nxt_list = accepted.tolist(), nxt.tolist()
+        draft_list = ids[:, 1:].tolist()
+        for b, request in enumerate(state.rows):
+            if not reqs.emit(request, draft_list[b][: acc[b]] + [nxt_list[b]]):
+                running.append(b)
+        if len(running) < B:
+            state.keep(running)
+        state.crop_tail()

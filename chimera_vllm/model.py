@@ -1,0 +1,327 @@
+"""The Chimera draft model: trigram encoder, full-context encoder, residual decoding heads.
+
+Shapes use B (batch), T (query positions), S (key/value positions), H (hidden),
+V (vocabulary), K (draft steps). docs/architecture.md explains the method.
+
+The draft owns no copy of the target's embedding or LM head: both are passed in
+as :class:`TargetParts` and never appear in the draft's state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    rotate_half,
+)
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ChimeraConfig, ChimeraConfigError
+
+
+@dataclass
+class TargetParts:
+    """The frozen target tensors the draft reads: input embedding [V, H] and LM head [V, H]."""
+
+    embed_weight: Tensor
+    lm_head_weight: Tensor
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TargetParts:
+        return cls(
+            embed_weight=model.get_input_embeddings().weight.detach(),
+            lm_head_weight=model.get_output_embeddings().weight.detach(),
+        )
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(Linear(x)), with the linear weight zero-initialised (identity at start)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.linear = nn.Linear(size, size)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class TrigramEncoder(nn.Module):
+    """e_p = MLP([E(x_{p-2}); E(x_{p-1}); E(x_p)]) in R^H."""
+
+    def __init__(self, hidden_size: int, kind: str):
+        super().__init__()
+        h3 = 3 * hidden_size
+        layers: list[nn.Module] = [ResBlock(h3)] if kind == "resblock" else []
+        self.mlp = nn.Sequential(*layers, nn.Linear(h3, hidden_size, bias=False))
+
+    def forward(self, trigram_ids: Tensor, embed_weight: Tensor) -> Tensor:
+        """trigram_ids [..., 3] -> [..., H]."""
+        emb = F.embedding(trigram_ids, embed_weight)
+        return self.mlp(emb.flatten(-2).to(self.mlp[-1].weight.dtype))
+
+
+def trigram_ids(input_ids: Tensor) -> Tensor:
+    """[B, T] token ids -> [B, T, 3] ids of (x_{p-2}, x_{p-1}, x_p); missing tokens are x_0."""
+    T = input_ids.shape[-1]
+    p = torch.arange(T, device=input_ids.device)
+    idx = torch.stack([(p - 2).clamp(min=0), (p - 1).clamp(min=0), p], dim=-1)  # [T, 3]
+    return input_ids[..., idx]
+
+
+class EncoderAttention(nn.Module):
+    """Attention of the encoder layer: queries from the new input, keys/values from a given context.
+
+    Parameter names follow transformers' LlamaAttention so that official
+    checkpoints and vLLM's Llama weight loaders map onto them directly.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        H, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(H, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, H, bias=False)
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # [B, heads, T, d]
+
+    def key_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        k = self._split(self.k_proj(x), self.num_kv_heads)
+        v = self._split(self.v_proj(x), self.num_kv_heads)
+        return _rope(k, cos, sin), v
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor
+    ) -> Tensor:
+        """x [B, T, H] (normed); ctx_k/ctx_v [B, kvh, S, d]; ctx_mask [B|1, T, S] bool.
+
+        Each query attends to the context entries its mask allows and to its own key/value.
+        """
+        B, T, _ = x.shape
+        q = self._split(self.q_proj(x), self.num_heads)
+        k, v = self.key_values(x, cos, sin)
+        q = _rope(q, cos, sin)
+        keys = torch.cat([ctx_k, k], dim=2)
+        values = torch.cat([ctx_v, v], dim=2)
+        self_mask = torch.eye(T, dtype=torch.bool, device=x.device).expand(ctx_mask.shape[0], T, T)
+        mask = torch.cat([ctx_mask, self_mask], dim=-1).unsqueeze(1)  # [B, 1, T, S+T]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x [B, heads, T, d] with cos/sin [B, T, d] (transformers' convention)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class ContextEncoderLayer(nn.Module):
+    """One Llama decoder layer whose keys/values come from the target's hidden states.
+
+    The context at a verified position j is the target's h_j; at a drafted
+    position it is the layer's own earlier output. Both are turned into
+    keys/values by :meth:`context_kv` (same norm and projections as the query).
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = EncoderAttention(cfg)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+        self.rotary_emb = LlamaRotaryEmbedding(cfg)
+
+    def context_kv(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden [B, T, H] at positions [B, T] -> keys, values [B, kvh, T, d]."""
+        x = self.input_layernorm(hidden)
+        cos, sin = self.rotary_emb(x, positions)
+        return self.self_attn.key_values(x, cos, sin)
+
+    def forward(
+        self, e: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor
+    ) -> Tensor:
+        """e [B, T, H] trigram encodings at positions [B, T] -> ĥ [B, T, H]."""
+        x = self.input_layernorm(e)
+        cos, sin = self.rotary_emb(x, positions)
+        h = e + self.self_attn(x, cos, sin, ctx_k, ctx_v, ctx_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class ResidualHeads(nn.Module):
+    """Head k: y = ĥ + SiLU(W_k [ĥ; h_a] + b_k), logits = LMHead(y).
+
+    Weights are stacked [K, H, 2H] so the step index is data. Zero-initialised,
+    every head starts as the target's own LM head applied to ĥ.
+    """
+
+    def __init__(self, num_heads: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, 2 * hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))
+
+    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
+        y = h_hat + F.silu(F.linear(torch.cat([h_hat, anchor], dim=-1), self.weight[step], self.bias[step]))
+        return F.linear(y, lm_head_weight.to(y.dtype))
+
+
+class FullHeads(nn.Module):
+    """The official head: logits = W_k [h_a; ĥ] with W_k [V, 2H], initialised to [LMHead | LMHead]."""
+
+    def __init__(self, num_heads: int, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, vocab_size, 2 * hidden_size))
+
+    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
+        return F.linear(torch.cat([anchor, h_hat], dim=-1), self.weight[step])
+
+
+TokenChooser = Callable[[int, Tensor], Tensor]
+"""(step k, logits [B, V]) -> chosen token ids [B]."""
+
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ChimeraCheckpointError(ValueError):
+    """A draft checkpoint is missing, corrupt, or does not match its config."""
+
+
+class ChimeraDraft(nn.Module):
+    def __init__(self, config: ChimeraConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.trigram = TrigramEncoder(H, config.trigram_mlp)
+        self.encoder = ContextEncoderLayer(config.layer_config())
+        if config.head_type == "residual":
+            self.heads: nn.Module = ResidualHeads(config.num_heads, H)
+        else:
+            self.heads = FullHeads(config.num_heads, H, config.vocab_size)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def init_heads_from_target(self, parts: TargetParts) -> None:
+        """Initialise the heads from the target's LM head, as the method does."""
+        if isinstance(self.heads, FullHeads):
+            lm = parts.lm_head_weight.to(self.heads.weight.dtype)
+            with torch.no_grad():
+                self.heads.weight.copy_(torch.cat([lm, lm], dim=-1).expand_as(self.heads.weight))
+        # Residual heads are zero-initialised: each already equals the target's LM head on ĥ.
+
+    def head_logits(self, step: int, h_hat: Tensor, anchor: Tensor, parts: TargetParts) -> Tensor:
+        return self.heads(step, h_hat, anchor, parts.lm_head_weight)
+
+    def check_num_steps(self, num_steps: int) -> None:
+        if not 1 <= num_steps <= self.num_heads:
+            raise ChimeraConfigError(
+                f"num_speculative_tokens={num_steps} is not supported by this draft: "
+                f"it has {self.num_heads} heads (use 1..{self.num_heads})"
+            )
+
+    @torch.no_grad()
+    def propose(
+        self,
+        parts: TargetParts,
+        ctx_k: Tensor,
+        ctx_v: Tensor,
+        ctx_valid: Tensor,
+        last_tokens: Tensor,
+        next_position: Tensor,
+        anchor: Tensor,
+        num_steps: int,
+        choose: TokenChooser,
+    ) -> tuple[Tensor, Tensor]:
+        """The drafting loop for a batch of requests.
+
+        ctx_k/ctx_v [B, kvh, S, d]: encoder keys/values of the verified hidden
+        states h_0..h_n (ctx_valid [B, S] marks the real slots). last_tokens
+        [B, 3] are (x_{n-1}, x_n, x_{n+1}) (x_{n+1} is the target's newest
+        token), next_position [B] is n+1 and anchor [B, H] is h_n.
+        Returns the drafted tokens [B, num_steps] and their logits [B, num_steps, V].
+        """
+        self.check_num_steps(num_steps)
+        tri, tokens, all_logits = last_tokens, [], []
+        mask = ctx_valid[:, None, :]
+        for k in range(num_steps):
+            pos = (next_position + k)[:, None]
+            e = self.trigram(tri, parts.embed_weight)[:, None]
+            h_hat = self.encoder(e, pos, ctx_k, ctx_v, mask)
+            logits = self.head_logits(k, h_hat[:, 0], anchor, parts)
+            tok = choose(k, logits)
+            tokens.append(tok)
+            all_logits.append(logits)
+            if k + 1 < num_steps:
+                new_k, new_v = self.encoder.context_kv(h_hat, pos)
+                ctx_k = torch.cat([ctx_k, new_k], dim=2)
+                ctx_v = torch.cat([ctx_v, new_v], dim=2)
+                mask = F.pad(mask, (0, 1), value=True)
+                tri = torch.cat([tri[:, 1:], tok[:, None]], dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+    # --- checkpoints ---------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors (the draft's own weights only)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        self.config.save(directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        target_config=None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> ChimeraDraft:
+        """Load a draft; with ``target_config``, refuse it unless it was built for that target."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no Chimera draft directory at {directory}")
+        config = ChimeraConfig.load(directory)
+        if target_config is not None:
+            config.check_target(target_config)
+        path = directory / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no draft weights at {path}")
+        try:
+            state = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ChimeraCheckpointError(f"corrupt draft weights {path}: {e}") from e
+        model = cls(config).to(device)
+        _check_state_dict(model, state, path)
+        model.load_state_dict(state)
+        return model.to(dtype or getattr(torch, config.dtype)).eval()
+
+
+def _check_state_dict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ChimeraCheckpointError(f"{path}: missing weights {missing}, unexpected weights {unexpected}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ChimeraCheckpointError(
+                f"{path}: weight {name} has shape {tuple(state[name].shape)}, the config implies {shape}"
+            )

@@ -1,0 +1,49 @@
+"""Loading a target LLM with transformers and running it for its final hidden states."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from .config import check_supported_target
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return value
+
+
+def load_target(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Load a supported target (Llama family, Qwen2) as a frozen model in eval mode."""
+    check_supported_target(AutoConfig.from_pretrained(name_or_path))
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def final_hidden(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    cache: Cache | None = None,
+) -> Tensor:
+    """The target's final-normed hidden states [B, T, H] (h_i gives the logits of x_{i+1})."""
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+    return out.last_hidden_state

@@ -1,0 +1,112 @@
+"""The training forward and distillation loss of a Chimera draft.
+
+Step k at query position p sees exactly what the drafting loop would after the
+target verified x_0..x_{n+1} with n = p-k-1: keys/values of the target's h_0..h_n,
+the encoder's own outputs of steps 0..k-1 at positions n+1..p-1, and itself;
+its head reads the anchor h_n. Every position of a sequence trains every step at
+once: step k is one pass of the (single) encoder layer over the sequence, with a
+block mask over [h | ĥ of step 0 | ... | ĥ of step k-1]. The K passes are
+sequential because step k attends to the outputs of the earlier steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model import ChimeraDraft, TargetParts, trigram_ids
+
+
+def step_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:
+    """[T, (step+1)*T] bool: what query p may see at draft step `step`, self excluded.
+
+    Block 0 holds the target's h_j: visible for j <= p-step-1. Block 1+j holds
+    the encoder outputs of step j: only position p-step+j is visible.
+    """
+    ones = torch.ones(T, T, dtype=torch.bool, device=device)
+    blocks = [ones.tril(-(step + 1))]
+    blocks += [ones.tril(-(step - j)).triu(-(step - j)) for j in range(step)]
+    return torch.cat(blocks, dim=1)
+
+
+def shifted_anchor(hidden: Tensor, step: int) -> Tensor:
+    """anchor[:, p] = h_{p-step-1} (zeros where p <= step, which no loss reads)."""
+    return F.pad(hidden, (0, 0, step + 1, 0))[:, : hidden.shape[1]]
+
+
+def draft_steps(
+    draft: ChimeraDraft, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield (k, ĥ^(k) [B, T, H], anchor^(k) [B, T, H]) for every draft step, teacher-forced.
+
+    input_ids [B, T] and the target's final hidden states hidden [B, T, H].
+    Positions p <= k have no anchor; their outputs are meaningless and must not be trained.
+    """
+    B, T = input_ids.shape
+    positions = torch.arange(T, device=input_ids.device).expand(B, T)
+    e = draft.trigram(trigram_ids(input_ids), parts.embed_weight)
+    keys, values = draft.encoder.context_kv(hidden, positions)
+    for k in range(num_steps):
+        mask = step_context_mask(T, k, input_ids.device)[None]
+        h_hat = draft.encoder(e, positions, keys, values, mask)
+        yield k, h_hat, shifted_anchor(hidden, k)
+        if k + 1 < num_steps:
+            new_k, new_v = draft.encoder.context_kv(h_hat, positions)
+            keys, values = torch.cat([keys, new_k], dim=2), torch.cat([values, new_v], dim=2)
+
+
+@dataclass
+class LossWeights:
+    """loss = sum_k step_weights[k] * (CE_k + mse * MSE_k + kl * KL_k)."""
+
+    step_weights: tuple[float, ...] = (1.0, 0.8, 0.64, 0.512)
+    mse: float = 1.0
+    kl: float = 0.0
+
+    @classmethod
+    def geometric(cls, num_steps: int, decay: float = 0.8, mse: float = 1.0, kl: float = 0.0) -> LossWeights:
+        return cls(tuple(decay**k for k in range(num_steps)), mse, kl)
+
+
+class ChimeraObjective(nn.Module):
+    """Wraps the draft so that one forward() computes the loss (what DDP needs to wrap)."""
+
+    def __init__(self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights):
+        super().__init__()
+        self.draft = draft
+        self.parts = parts
+        self.weights = weights
+
+    def forward(self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H]."""
+        T = input_ids.shape[1]
+        labels = input_ids[:, 1:]
+        total = hidden.new_zeros(())
+        metrics: dict[str, float] = {}
+        for k, h_hat, anchor in draft_steps(self.draft, self.parts, input_ids, hidden, len(self.weights.step_weights)):
+            # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label to predict.
+            sel = label_mask[:, 1:].clone()
+            sel[:, : k + 1] = False
+            if not sel.any():
+                continue
+            hh, an = h_hat[:, : T - 1][sel], anchor[:, : T - 1][sel]
+            logits = self.draft.head_logits(k, hh, an, self.parts).float()
+            target_label = labels[sel]
+            ce = F.cross_entropy(logits, target_label)
+            mse = F.mse_loss(hh.float(), hidden[:, : T - 1][sel].float())
+            loss = ce + self.weights.mse * mse
+            if self.weights.kl > 0:
+                teacher = F.log_softmax(F.linear(hidden[:, : T - 1][sel], self.parts.lm_head_weight).float(), -1)
+                kl = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
+                loss = loss + self.weights.kl * kl
+                metrics[f"kl_{k}"] = kl.item()
+            total = total + self.weights.step_weights[k] * loss
+            metrics[f"ce_{k}"] = ce.item()
+            metrics[f"mse_{k}"] = mse.item()
+            metrics[f"top1_{k}"] = (logits.argmax(-1) == target_label).float().mean().item()
+        metrics["loss"] = total.item()
+        return total, metrics

@@ -1,0 +1,191 @@
+"""Training loop: single process or torchrun (DDP), periodic checkpoints, exact resume.
+
+The target is frozen and runs once per batch for its final hidden states; only
+the draft's weights train. A run directory holds the final draft (config.json,
+model.safetensors), ``train_log.jsonl``, ``loss.png`` and ``checkpoint/`` (the
+latest draft, optimizer state and step, rewritten every ``save_every`` steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..checkpoint import init_draft
+from ..model import ChimeraDraft, TargetParts
+from ..target import final_hidden, load_target
+from .data import batch_indices, collate, read_sequences
+from .objective import ChimeraObjective, LossWeights
+
+
+@dataclass
+class TrainArgs:
+    target: str
+    data: str
+    out: str
+    init_draft: str | None = None
+    num_heads: int = 4
+    trigram_mlp: str = "resblock"
+    head_type: str = "residual"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_length: int = 512
+    step_decay: float = 0.8
+    mse_weight: float = 1.0
+    kl_weight: float = 0.0
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    dtype: str = "float32"
+    resume: bool = True
+    progress: bool = True
+
+
+def learning_rate(args: TrainArgs, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    frac = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_checkpoint(draft: ChimeraDraft, opt, step: int, history: list[dict], out: Path) -> None:
+    tmp = out / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    draft.save_pretrained(tmp / "draft")
+    _save_optimizer(opt, tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    final = out / "checkpoint"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [h["step"] for h in history]
+    ax1.plot(steps, [h["loss"] for h in history], label="total")
+    for key in sorted(k for k in history[-1] if k.startswith("ce_")):
+        ax1.plot(steps, [h.get(key, float("nan")) for h in history], label=key, alpha=0.7)
+    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.set_yscale("log"), ax1.legend()
+    for key in sorted(k for k in history[-1] if k.startswith("top1_")):
+        ax2.plot(steps, [h.get(key, float("nan")) for h in history], label=f"head {key[5:]} top-1")
+    ax2.set_xlabel("step"), ax2.set_ylabel("training top-1 accuracy"), ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(args: TrainArgs) -> Path:
+    """Train a Chimera draft; returns the run directory (which holds the final draft)."""
+    rank, world = _distributed()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    target = load_target(args.target, args.dtype, device)
+    parts = TargetParts.from_model(target)
+    data = read_sequences(args.data, target.config.vocab_size, args.max_length)
+
+    ckpt = out / "checkpoint"
+    if args.resume and (ckpt / "state.json").is_file():
+        draft = ChimeraDraft.from_pretrained(ckpt / "draft", target.config, device=device)
+        state = json.loads((ckpt / "state.json").read_text())
+        start, history = state["step"], state["history"]
+    else:
+        if args.init_draft:
+            draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
+        else:
+            draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
+        start, history = 0, []
+    draft = draft.to(device=device, dtype=target.dtype).train()
+    weights = LossWeights.geometric(draft.num_heads, args.step_decay, args.mse_weight, args.kl_weight)
+    objective: torch.nn.Module = ChimeraObjective(draft, parts, weights)
+    if world > 1:
+        objective = DistributedDataParallel(objective, find_unused_parameters=True)
+    opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if start:
+        _load_optimizer(opt, ckpt)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or not args.progress)
+    for step in bar:
+        batch = [data[i] for i in batch_indices(len(data), args.batch_size, step, args.seed, rank, world)]
+        ids, attn, labels = (t.to(device) for t in collate(batch))
+        with torch.no_grad():
+            hidden = final_hidden(target, ids, attn.long())
+        loss, metrics = objective(ids, hidden, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step)
+        opt.step()
+        done = step + 1
+        if rank == 0 and (done % args.log_every == 0 or done == args.steps):
+            history.append({"step": done, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1_0=f"{metrics.get('top1_0', 0):.2f}")
+        if rank == 0 and done % args.save_every == 0 and done < args.steps:
+            _save_checkpoint(draft, opt, done, history, out)
+
+    if rank == 0:
+        draft.eval().save_pretrained(out)
+        with (out / "train_log.jsonl").open("w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        if history:
+            plot_history(history, out / "loss.png")
+        _save_checkpoint(draft, opt, args.steps, history, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out

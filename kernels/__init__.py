@@ -1,0 +1,1 @@
+"""Triton kernels for Chimera, installed as ``chimera_vllm.kernels`` (see README.md here)."""

@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="chimera-vllm",
+    version="0.1.0",
+    description="Chimera speculative decoding (arXiv 2402.15758) as a vLLM extension",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder (design card) but install
+    # as chimera_vllm.kernels, so no bare top-level package named `kernels` is created.
+    packages=["chimera_vllm", "chimera_vllm.training", "chimera_vllm.kernels"],
+    package_dir={"chimera_vllm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=4.57",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+    entry_points={
+        "console_scripts": ["chimera-vllm=chimera_vllm.cli:main"],
+        "vllm.general_plugins": ["chimera=chimera_vllm.vllm_plugin:register"],
+    },
+)

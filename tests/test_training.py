@@ -1,0 +1,157 @@
+"""The training objective: train/inference parity, learning, checkpoints and resume, DDP, data errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chimera_vllm.checkpoint import init_draft
+from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.model import ChimeraDraft, TargetParts
+from chimera_vllm.target import final_hidden, load_target
+from chimera_vllm.training.data import DataFormatError, Sequence, read_sequences, write_sequences
+from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
+from chimera_vllm.training.trainer import TrainArgs, train
+
+from .conftest import grammar_prompts
+
+
+def randomised_draft(target, target_dir, num_heads, trigram_mlp="resblock", head_type="residual", seed=0):
+    """A draft whose every weight matters (fresh drafts have zero-initialised residual branches)."""
+    draft = init_draft(target, str(target_dir), num_heads, seed, trigram_mlp, head_type)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return draft
+
+
+def test_step_mask_block_structure():
+    m = step_context_mask(5, 2)  # query p sees h_j (j <= p-3), ĥ^(0)_{p-2}, ĥ^(1)_{p-1}
+    h, s0, s1 = m[:, :5], m[:, 5:10], m[:, 10:]
+    assert h[4].tolist() == [True, True, False, False, False]
+    assert s0[4].nonzero().flatten().tolist() == [2]
+    assert s1[4].nonzero().flatten().tolist() == [3]
+    assert not h[:3].any()  # p <= 2 has no verified context (no anchor) at step 2
+
+
+@pytest.mark.parametrize("trigram_mlp,head_type", [("resblock", "residual"), ("linear", "full")])
+def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigram_mlp, head_type):
+    """Step k's training logits at every position equal the drafting loop's, fed the true tokens."""
+    target = load_target(str(tiny_target_dir))
+    K = 4
+    draft = randomised_draft(target, tiny_target_dir, K, trigram_mlp, head_type)
+    parts = TargetParts.from_model(target)
+    ids = torch.randint(5, target.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden(target, ids)
+    with torch.no_grad():
+        train_out = {k: (h_hat, anchor) for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, K)}
+    worst = 0.0
+    for b in range(ids.shape[0]):  # the drafting loop is no_grad; so is this comparison
+        for n in [0, 1, 2, 5, 9, 16 - K - 2]:  # drafting starts after the target verified x_0..x_{n+1}
+            ctx_k, ctx_v = draft.encoder.context_kv(hidden[b : b + 1, : n + 1], torch.arange(n + 1)[None])
+            t = ids[b].tolist()
+            last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
+            forced = lambda k, logits, b=b, n=n: ids[b : b + 1, n + 2 + k]  # noqa: E731
+            _, logits = draft.propose(
+                parts, ctx_k, ctx_v, torch.ones(1, n + 1, dtype=torch.bool), last3,
+                torch.tensor([n + 1]), hidden[b : b + 1, n], K, forced,
+            )
+            for k in range(K):
+                h_hat, anchor = train_out[k]
+                p = n + 1 + k
+                with torch.no_grad():
+                    expected = draft.head_logits(k, h_hat[b, p], anchor[b, p], parts)
+                worst = max(worst, float((expected - logits[0, k]).abs().max()))
+    assert worst < 1e-4, f"training and drafting logits differ by {worst}"
+
+
+def test_objective_trains_only_positions_with_an_anchor_and_a_label(llama_target, llama_dir):
+    draft = randomised_draft(llama_target, llama_dir, 3)
+    objective = ChimeraObjective(draft, TargetParts.from_model(llama_target), LossWeights.geometric(3))
+    ids = torch.randint(5, 100, (2, 12))
+    hidden = final_hidden(llama_target, ids)
+    labels = torch.zeros(2, 12, dtype=torch.bool)
+    labels[:, 3] = True  # only x_3 is a label: steps 0 and 1 can predict it (p=2 >= k+1), step 2 cannot
+    loss, metrics = objective(ids, hidden, labels)
+    assert loss.requires_grad and torch.isfinite(loss)
+    assert "ce_0" in metrics and "ce_1" in metrics and "ce_2" not in metrics
+
+
+def test_training_raises_mean_accepted_length(trained_pair):
+    """From ~1 token per step untrained to >= 2 after a short distillation run."""
+    _, target, tokenizer, untrained, trained = trained_pair
+    prompts = grammar_prompts(tokenizer, 16, seed=123)  # held out: seed 7 made the training prompts
+    _, before = SpeculativeDecoder(target, untrained, 4).generate(prompts, 48)
+    _, after = SpeculativeDecoder(target, trained, 4).generate(prompts, 48)
+    assert before.to_dict()["mean_accepted_length"] < 1.2
+    assert after.to_dict()["mean_accepted_length"] >= 2.0
+
+
+@pytest.fixture(scope="module")
+def small_data(llama_target, tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    seqs = [Sequence(torch.randint(5, 100, (int(n),), generator=g).tolist(), 3) for n in range(8, 40)]
+    path = tmp_path_factory.mktemp("data") / "seqs.jsonl"
+    write_sequences(path, seqs)
+    return path
+
+
+def _args(llama_dir, data, out, **kw):
+    base = dict(target=str(llama_dir), data=str(data), out=str(out), num_heads=3, steps=6, batch_size=4,
+                save_every=3, log_every=1, progress=False)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_resume_continues_exactly(llama_dir, small_data, tmp_path):
+    """6 steps in one run == 3 steps, stop, resume for 3 more (weights, optimizer and data order)."""
+    full = train(_args(llama_dir, small_data, tmp_path / "full"))
+    train(_args(llama_dir, small_data, tmp_path / "split", steps=3, save_every=3))
+    resumed = train(_args(llama_dir, small_data, tmp_path / "split"))
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    log = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3, 4, 5, 6]
+    assert (full / "loss.png").stat().st_size > 0
+
+
+def test_ddp_two_cpu_processes(llama_dir, small_data, tmp_path):
+    """torchrun with 2 gloo processes trains and writes one draft that loads."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "chimera_vllm.cli", "train", "--target", str(llama_dir), "--data", str(small_data),
+           "--out", str(out), "--num-heads", "2", "--steps", "4", "--batch-size", "2", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    draft = ChimeraDraft.from_pretrained(out)
+    assert draft.num_heads == 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"tokens": [1, 2]}', 'expected {"input_ids"'),
+        ('{"input_ids": [5]}', "a sequence needs at least 2 tokens"),
+        ('{"input_ids": [5, 100000]}', "token id 100000 is outside the vocabulary"),
+        ('{"input_ids": [5, 6], "prompt_length": 2}', "prompt_length=2 must be in"),
+    ],
+)
+def test_malformed_training_data_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input_ids": [5, 6, 7]}\n' + line + "\n")
+    with pytest.raises(DataFormatError) as err:
+        read_sequences(path, vocab_size=1000)
+    assert f"bad.jsonl:2: {message}" in str(err.value)
