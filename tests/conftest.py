@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from chimera_vllm.checkpoint import init_draft
-from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.model import ChimeraDraft
 from chimera_vllm.target import load_target, load_tokenizer
-from chimera_vllm.tiny import build_tiny_target, synthetic_corpus, train_tiny_target
-from chimera_vllm.training.data import Sequence, write_sequences
-from chimera_vllm.training.trainer import TrainArgs, train
+from chimera_vllm.tiny import build_tiny_target, build_trained_pair
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
@@ -30,33 +27,16 @@ def llama_target(llama_dir):
     return load_target(str(llama_dir))
 
 
-def grammar_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
-    """Prefixes of synthetic-grammar lines, of mixed lengths (10..29 characters)."""
-    return [tokenizer(line[: 10 + i % 20]).input_ids for i, line in enumerate(synthetic_corpus(n, seed))]
-
-
 @pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory):
     """A tiny target taught the synthetic grammar, and a Chimera draft distilled from it.
 
-    Returns (target_dir, target, tokenizer, untrained draft, trained draft run dir).
+    Returns (target_dir, target, tokenizer, untrained draft, trained draft).
     """
-    root = tmp_path_factory.mktemp("trained")
-    target_dir = build_tiny_target(root / "target", "llama", init_std=0.02)
-    train_tiny_target(target_dir, steps=150)
+    target_dir, draft_dir = build_trained_pair(tmp_path_factory.mktemp("trained"))
     target, tokenizer = load_target(str(target_dir)), load_tokenizer(str(target_dir))
-    prompts = grammar_prompts(tokenizer, 512, seed=7)
-    outputs, _ = SpeculativeDecoder(target).generate(prompts, 48)
-    data = root / "data.jsonl"
-    write_sequences(data, [Sequence(p + o, len(p)) for p, o in zip(prompts, outputs)])
-    run = train(
-        TrainArgs(
-            target=str(target_dir), data=str(data), out=str(root / "run"), steps=40,
-            batch_size=16, lr=3e-3, save_every=1000, resume=False, progress=False,
-        )
-    )
     untrained = init_draft(target, str(target_dir), num_heads=4)
-    trained = ChimeraDraft.from_pretrained(run, target.config)
+    trained = ChimeraDraft.from_pretrained(draft_dir, target.config)
     return target_dir, target, tokenizer, untrained, trained
 
 

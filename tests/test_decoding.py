@@ -10,7 +10,9 @@ from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.target import load_target
 
-from .conftest import grammar_prompts, hf_greedy
+from chimera_vllm.tiny import grammar_prompts
+
+from .conftest import hf_greedy
 
 EOS = 4  # the tiny tokenizer's <|im_end|>
 

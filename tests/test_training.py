@@ -19,7 +19,7 @@ from chimera_vllm.training.data import DataFormatError, Sequence, read_sequences
 from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
 from chimera_vllm.training.trainer import TrainArgs, train
 
-from .conftest import grammar_prompts
+from chimera_vllm.tiny import grammar_prompts
 
 
 def randomised_draft(target, target_dir, num_heads, trigram_mlp="resblock", head_type="residual", seed=0):

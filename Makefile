@@ -1,0 +1,11 @@
+# `make demo`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
+.PHONY: setup demo test
+
+setup:
+	bash scripts/setup_venv.sh
+
+demo: setup
+	.venv/bin/python -m chimera_vllm.demo
+
+test: setup
+	.venv/bin/python -m pytest -q tests

@@ -1,0 +1,89 @@
+"""The chimera-vllm command line: generate's JSON, prompt files, errors with file and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chimera_vllm.cli import main
+from chimera_vllm.prompts import PromptFileError, encode_prompts
+from chimera_vllm.target import load_tokenizer
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text('{"turns": ["What is a cat?", "And a dog?"]}\n\n{"prompt": "the red cat"}\n{"prompt": "x"}\n')
+    return path
+
+
+def test_generate_json_with_and_without_draft(capsys, llama_dir, prompt_file, tmp_path):
+    assert main(["init-draft", "--target", str(llama_dir), "--out", str(tmp_path / "d"), "--num-heads", "3"]) == 0
+    capsys.readouterr()
+    common = ["generate", "--target", str(llama_dir), "--prompts", str(prompt_file), "--max-new-tokens", "12", "--json"]
+    plain = run_json(capsys, *common)
+    spec = run_json(capsys, *common, "--draft", str(tmp_path / "d"), "--num-speculative-tokens", "2")
+    assert [o["prompt_index"] for o in spec["outputs"]] == [0, 1, 2]
+    assert [o["token_ids"] for o in spec["outputs"]] == [o["token_ids"] for o in plain["outputs"]]
+    assert all(isinstance(o["text"], str) for o in spec["outputs"])
+    stats = spec["stats"]
+    assert set(stats) == {"target_steps", "draft_tokens", "accepted_tokens", "mean_accepted_length",
+                          "acceptance_by_position", "wall_s", "output_tokens_per_s"}
+    assert len(stats["acceptance_by_position"]) == 2
+    assert stats["draft_tokens"] == 2 * stats["target_steps"]
+    assert stats["mean_accepted_length"] == 1 + stats["accepted_tokens"] / stats["target_steps"]
+
+
+def test_chat_turns_use_the_chat_template(llama_dir, prompt_file):
+    tokenizer = load_tokenizer(str(llama_dir))
+    chat, raw, _ = encode_prompts(prompt_file, tokenizer)
+    assert tokenizer.decode(chat) == "<|im_start|>user\nWhat is a cat?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(raw) == "the red cat"
+
+
+def test_text_prompt_file_one_prompt_per_line(llama_dir, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first line\n\nsecond {not json}\n")
+    tokenizer = load_tokenizer(str(llama_dir))
+    assert [tokenizer.decode(p) for p in encode_prompts(path, tokenizer)] == ["first line", "second {not json}"]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"prompt": "ok"}\n{"prompt": 3}\n', 'p.jsonl:2: expected {"prompt": str} or {"turns": [str, ...]}'),
+        ('{"prompt": "ok"}\n\n{"turns": [\n', "p.jsonl:3: not valid JSON"),
+        ('{"prompt": ""}\n', "p.jsonl:1: the prompt is empty after tokenisation"),
+        ("\n\n", "p.jsonl: no prompts"),
+    ],
+)
+def test_malformed_prompt_file_is_reported_with_file_and_line(capsys, llama_dir, tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(PromptFileError, match="p.jsonl"):
+        encode_prompts(path, load_tokenizer(str(llama_dir)))
+    code = main(["generate", "--target", str(llama_dir), "--prompts", str(path), "--max-new-tokens", "4"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_reports_errors_without_a_traceback(llama_dir, tmp_path):
+    exe = Path(sys.executable).parent / "chimera-vllm"
+    assert exe.is_file(), "the chimera-vllm console script is installed by setup.py"
+    result = subprocess.run(
+        [str(exe), "generate", "--target", str(llama_dir), "--draft", str(tmp_path / "missing"),
+         "--prompts", str(tmp_path / "missing.txt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "chimera-vllm: error: no prompts file at" in result.stderr
+    assert "Traceback" not in result.stderr
