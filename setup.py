@@ -19,6 +19,10 @@ setup(
         "tokenizers>=0.20",
         "tqdm",
         "matplotlib",
+        "huggingface_hub",
+        # reading the GGUF files real targets ship in (chimera-vllm fetch-target)
+        "gguf>=0.10",
+        "accelerate",
     ],
     extras_require={
         "test": ["pytest>=8"],

