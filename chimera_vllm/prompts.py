@@ -1,8 +1,21 @@
-"""Prompt files: JSONL with "prompt" (raw text) or "turns" (chat), or plain text, one prompt a line."""
+"""Prompt files.
+
+``.jsonl`` (optionally ``.jsonl.gz``), one object per line, in any of these shapes:
+
+- ``{"prompt": "raw text"}``: raw text (HumanEval's code prompts too);
+- ``{"turns": ["first turn", ...]}``: MT-bench style, the first turn as a chat message;
+- ``{"question": "..."}``: GSM8K, a chat message;
+- ``{"instruction": "...", "instances": [{"input": "..."}]}``: self-instruct, a chat message
+  (the instruction, then the first instance's input when it has one).
+
+Any other file: plain text, one prompt per line. Blank lines are skipped.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -10,47 +23,78 @@ class PromptFileError(ValueError):
     """A prompt file is malformed; the message names the file and line."""
 
 
-def read_prompt_texts(path: str | Path) -> list[tuple[int, str, bool]]:
-    """(line number, text, is_chat) for every prompt; chat prompts are MT-bench first turns."""
+@dataclass(frozen=True)
+class Prompt:
+    source: str  # "file:line"
+    text: str
+    chat: bool  # rendered with the tokenizer's chat template
+
+
+def _from_record(obj: object) -> tuple[str, bool] | None:
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("prompt"), str):
+        return obj["prompt"], False
+    turns = obj.get("turns")
+    if isinstance(turns, list) and turns and isinstance(turns[0], str):
+        return turns[0], True
+    if isinstance(obj.get("question"), str):
+        return obj["question"], True
+    if isinstance(obj.get("instruction"), str):
+        instances = obj.get("instances") or [{}]
+        extra = instances[0].get("input", "") if isinstance(instances[0], dict) else ""
+        return (obj["instruction"] + ("\n\n" + extra if extra else "")), True
+    return None
+
+
+def _lines(path: Path) -> list[str]:
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            return f.read().splitlines()
+    return path.read_text().splitlines()
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompts file at {path}")
+    is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
     prompts = []
-    is_jsonl = path.suffix == ".jsonl"
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
-        if not is_jsonl:
-            prompts.append((lineno, line, False))
-            continue
         where = f"{path}:{lineno}"
+        if not is_jsonl:
+            prompts.append(Prompt(where, line, False))
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{where}: not valid JSON ({e.msg})") from e
-        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            prompts.append((lineno, obj["prompt"], False))
-        elif isinstance(obj, dict) and isinstance(obj.get("turns"), list) and obj["turns"] and isinstance(obj["turns"][0], str):
-            prompts.append((lineno, obj["turns"][0], True))
-        else:
-            raise PromptFileError(f'{where}: expected {{"prompt": str}} or {{"turns": [str, ...]}}')
+        found = _from_record(obj)
+        if found is None:
+            raise PromptFileError(
+                f'{where}: expected {{"prompt": str}}, {{"turns": [str, ...]}}, {{"question": str}} or {{"instruction": str}}'
+            )
+        prompts.append(Prompt(where, *found))
     if not prompts:
         raise PromptFileError(f"{path}: no prompts")
     return prompts
 
 
-def encode_prompts(path: str | Path, tokenizer) -> list[list[int]]:
-    """Token ids of every prompt: raw text as is, chat turns through the tokenizer's chat template."""
-    encoded = []
-    for lineno, text, is_chat in read_prompt_texts(path):
-        if is_chat:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        else:
-            ids = tokenizer(text).input_ids
-        if not ids:
-            raise PromptFileError(f"{path}:{lineno}: the prompt is empty after tokenisation")
-        encoded.append(ids)
-    return encoded
+def encode_chat(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def encode(tokenizer, prompt: Prompt, chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt; chat=True renders every prompt as a chat message."""
+    ids = encode_chat(tokenizer, prompt.text) if (prompt.chat if chat is None else chat) else tokenizer(prompt.text).input_ids
+    if not ids:
+        raise PromptFileError(f"{prompt.source}: the prompt is empty after tokenisation")
+    return ids
+
+
+def encode_prompts(path: str | Path, tokenizer, chat: bool | None = None) -> list[list[int]]:
+    """Token ids of every prompt in a file (see the module docstring for the formats)."""
+    return [encode(tokenizer, p, chat) for p in read_prompts(path)]

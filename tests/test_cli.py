@@ -60,7 +60,7 @@ def test_text_prompt_file_one_prompt_per_line(llama_dir, tmp_path):
 @pytest.mark.parametrize(
     "content,message",
     [
-        ('{"prompt": "ok"}\n{"prompt": 3}\n', 'p.jsonl:2: expected {"prompt": str} or {"turns": [str, ...]}'),
+        ('{"prompt": "ok"}\n{"prompt": 3}\n', 'p.jsonl:2: expected {"prompt": str}, {"turns": [str, ...]}'),
         ('{"prompt": "ok"}\n\n{"turns": [\n', "p.jsonl:3: not valid JSON"),
         ('{"prompt": ""}\n', "p.jsonl:1: the prompt is empty after tokenisation"),
         ("\n\n", "p.jsonl: no prompts"),

@@ -1,0 +1,143 @@
+"""Self-distillation data: the target's own answers to chat prompts, as token-id sequences.
+
+Every prompt is rendered with the tokenizer's chat template and answered by the
+target (vLLM offline batch, or the transformers reference decoder). Lines are
+appended a batch at a time, so an interrupted run resumes at its last whole
+batch; prompt order and sampling seeds depend only on --seed (and the batch
+size), so a resumed run writes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import Prompt, encode, read_prompts
+
+HELDOUT_EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "mt_bench_questions.jsonl"
+
+
+class HeldOutPromptError(ValueError):
+    """A training prompt equals a turn of the held-out evaluation set."""
+
+
+@dataclass
+class MakeDataArgs:
+    target: str
+    prompts: list[str]
+    out: str
+    max_new_tokens: int = 256
+    engine: str = "hf"
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = 32
+    limit: int | None = None
+    dtype: str = "bfloat16"
+    progress: bool = True
+    vllm_args: dict = field(default_factory=dict)
+
+
+def heldout_turns(path: Path = HELDOUT_EVAL_SET) -> set[str]:
+    """Every turn of MT-bench, the evaluation set no training prompt may equal."""
+    if not path.is_file():
+        return set()
+    turns = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            turns.update(t.strip() for t in json.loads(line)["turns"])
+    return turns
+
+
+def check_not_heldout(prompts: list[Prompt], heldout: set[str]) -> None:
+    for p in prompts:
+        if p.text.strip() in heldout:
+            raise HeldOutPromptError(f"{p.source}: this prompt is an MT-bench turn, held out for evaluation")
+
+
+def _complete_batches(path: Path, batch_size: int) -> int:
+    """Lines of the whole batches in path; a batch cut short by a crash is removed.
+
+    Batches (not lines) are the unit of resumption because a batch shares one
+    sampling stream and, in bf16, one set of batch-shape-dependent numerics.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().split(b"\n")[:-1]  # the last element is b"" or a partial line
+    keep = len(lines) // batch_size * batch_size
+    path.write_bytes(b"".join(line + b"\n" for line in lines[:keep]))
+    return keep
+
+
+class HFEngine:
+    def __init__(self, args: MakeDataArgs):
+        from .decoding import SpeculativeDecoder
+        from .target import load_target
+
+        self.target = load_target(args.target, args.dtype)
+        self.args = args
+        self.decoder_cls = SpeculativeDecoder
+
+    def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
+        decoder = self.decoder_cls(self.target, temperature=self.args.temperature, seed=self.args.seed + first_index)
+        outputs, _ = decoder.generate(prompts, self.args.max_new_tokens, eos)
+        return outputs
+
+
+class VLLMEngine:
+    def __init__(self, args: MakeDataArgs):
+        from vllm import LLM
+
+        self.args = args
+        defaults = {"enforce_eager": True, "gpu_memory_utilization": 0.5}  # on CPU: share of RAM for the KV cache
+        self.llm = LLM(model=args.target, dtype=args.dtype, seed=args.seed, **{**defaults, **args.vllm_args})
+
+    def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                max_tokens=self.args.max_new_tokens,
+                temperature=self.args.temperature,
+                seed=self.args.seed + first_index + i,
+                stop_token_ids=sorted(eos),
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def make_data(args: MakeDataArgs) -> Path:
+    from .target import load_tokenizer
+
+    if args.engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be hf or vllm, got {args.engine!r}")
+    prompts = [p for path in args.prompts for p in read_prompts(path)]
+    check_not_heldout(prompts, heldout_turns())
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    if args.limit is not None:
+        order = order[: args.limit]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _complete_batches(out, args.batch_size)
+    if done >= len(order):
+        return out
+    tokenizer = load_tokenizer(args.target)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    engine = (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
+    bar = tqdm(total=len(order), initial=done, unit="prompt", disable=not args.progress)
+    with out.open("a") as f:
+        for start in range(done, len(order), args.batch_size):
+            batch = [prompts[i] for i in order[start : start + args.batch_size]]
+            ids = [encode(tokenizer, p, chat=True) for p in batch]
+            for p, prompt_ids, answer in zip(batch, ids, engine(ids, start, eos)):
+                record = {"input_ids": prompt_ids + answer, "prompt_length": len(prompt_ids), "source": p.source}
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    bar.close()
+    return out

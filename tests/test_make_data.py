@@ -1,0 +1,76 @@
+"""Self-distillation data: chat-rendered prompts, the target's answers, resume, held-out check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chimera_vllm.make_data import HeldOutPromptError, MakeDataArgs, heldout_turns, make_data
+from chimera_vllm.prompts import encode_chat, read_prompts
+from chimera_vllm.target import load_target, load_tokenizer
+from chimera_vllm.training.data import read_sequences
+
+from .conftest import hf_greedy
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TRAINING_SETS = ["gsm8k_train.jsonl", "self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented.jsonl", "humaneval.jsonl.gz"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("md") / "prompts.jsonl"
+    lines = [{"question": f"what is {i} plus {i}?"} for i in range(7)] + [{"instruction": "Say hi.", "instances": [{"input": "to Bob"}]}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _args(llama_dir, prompt_file, out, **kw):
+    return MakeDataArgs(target=str(llama_dir), prompts=[str(prompt_file)], out=str(out), max_new_tokens=12,
+                        batch_size=3, dtype="float32", progress=False, **kw)
+
+
+def test_records_are_chat_prompts_and_the_targets_greedy_answers(llama_dir, prompt_file, tmp_path):
+    out = make_data(_args(llama_dir, prompt_file, tmp_path / "d.jsonl"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 8
+    tokenizer, target = load_tokenizer(str(llama_dir)), load_target(str(llama_dir))
+    texts = {p.source: p.text for p in read_prompts(prompt_file)}
+    for r in records:
+        prompt = r["input_ids"][: r["prompt_length"]]
+        assert prompt == encode_chat(tokenizer, texts[r["source"]])
+        assert r["input_ids"][r["prompt_length"]:] == hf_greedy(target, [prompt], 12, tokenizer.eos_token_id)[0]
+    assert any(texts[r["source"]] == "Say hi.\n\nto Bob" for r in records)
+    assert len(read_sequences(out, vocab_size=len(tokenizer))) == 8  # the trainer reads it
+
+
+def test_interrupted_run_resumes_to_the_same_file(llama_dir, prompt_file, tmp_path):
+    whole = make_data(_args(llama_dir, prompt_file, tmp_path / "whole.jsonl", temperature=0.8, seed=3)).read_text()
+    part = tmp_path / "part.jsonl"
+    lines = whole.splitlines(keepends=True)
+    part.write_text("".join(lines[:4]) + lines[4][:10])  # killed while writing line 5
+    make_data(_args(llama_dir, prompt_file, part, temperature=0.8, seed=3))
+    assert part.read_text() == whole
+
+
+def test_limit_takes_a_seeded_sample(llama_dir, prompt_file, tmp_path):
+    a = make_data(_args(llama_dir, prompt_file, tmp_path / "a.jsonl", limit=3, seed=1)).read_text()
+    b = make_data(_args(llama_dir, prompt_file, tmp_path / "b.jsonl", limit=3, seed=1)).read_text()
+    assert a == b and len(a.splitlines()) == 3
+
+
+def test_an_mt_bench_turn_is_refused_as_training_prompt(llama_dir, tmp_path):
+    turn = sorted(heldout_turns())[0]
+    path = tmp_path / "leak.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": turn}) + "\n")
+    with pytest.raises(HeldOutPromptError, match="leak.jsonl:2: this prompt is an MT-bench turn"):
+        make_data(_args(llama_dir, path, tmp_path / "d.jsonl"))
+
+
+def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
+    turns = heldout_turns(DATA / "mt_bench_questions.jsonl")
+    assert len(turns) == 160
+    prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
+    assert len(prompts) == 7473 + 175 + 252 + 164
+    assert not [p.source for p in prompts if p.text.strip() in turns]
