@@ -52,6 +52,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .model import ChimeraDraft
+    from .prompts import encode_prompts
+    from .target import load_target, load_tokenizer
+
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)
+    target = load_target(args.target, args.dtype, args.device)
+    draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
+    k = args.num_speculative_tokens or draft.num_heads
+    result = evaluate(
+        target, draft, prompts, k, args.max_new_tokens, _eos_ids(target, tokenizer), args.batch_size, progress=not args.json
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(f"{result.num_prompts} prompts, K={k}: mean accepted length {result.mean_accepted_length:.3f} "
+          f"(outputs identical to the target's: {'yes' if result.outputs_identical else 'NO'})")
+    print(f"{'head':>6}{'acceptance':>12}{'top-1':>8}{'top-5':>8}")
+    for i in range(k):
+        print(f"{i:>6}{result.acceptance_by_position[i]:>12.3f}{result.head_top1[i]:>8.3f}{result.head_top5[i]:>8.3f}")
+
+
 def cmd_init_draft(args: argparse.Namespace) -> None:
     from .checkpoint import init_draft
     from .target import load_target
@@ -112,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true", help="print outputs and stats as one JSON object")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="mean accepted length, acceptance by position, head top-1/top-5 (greedy)")
+    e.add_argument("--target", required=True)
+    e.add_argument("--draft", required=True)
+    e.add_argument("--prompts", required=True)
+    e.add_argument("--num-speculative-tokens", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("init-draft", help="write an untrained Chimera draft for a target")
     i.add_argument("--target", required=True)

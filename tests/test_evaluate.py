@@ -1,0 +1,54 @@
+"""chimera-vllm eval: its numbers on a case known by construction, and on a trained draft."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chimera_vllm.checkpoint import init_draft
+from chimera_vllm.cli import main
+from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.evaluate import evaluate
+from chimera_vllm.target import load_target
+from chimera_vllm.tiny import grammar_prompts
+
+
+def test_a_target_that_always_says_token_zero(llama_dir):
+    """Zero LM head: target and draft logits are all 0, so both pick token 0: every draft is accepted."""
+    target = load_target(str(llama_dir))
+    with torch.no_grad():
+        target.get_output_embeddings().weight.zero_()
+    draft = init_draft(target, str(llama_dir), num_heads=3)
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14]]
+    result = evaluate(target, draft, prompts, 3, max_new_tokens=13, eos_token_ids=set())
+    assert result.mean_accepted_length == 4.0  # 12 tokens after the first come in 3 steps of K+1
+    assert result.acceptance_by_position == [1.0, 1.0, 1.0]
+    assert result.head_top1 == [1.0, 1.0, 1.0] and result.head_top5 == [1.0, 1.0, 1.0]
+    assert result.outputs_identical
+
+
+def test_eval_agrees_with_the_decoder_and_ranks_drafts(trained_pair):
+    _, target, tokenizer, untrained, trained = trained_pair
+    prompts = grammar_prompts(tokenizer, 8, seed=321)
+    good = evaluate(target, trained, prompts, 4, 40, set())
+    bad = evaluate(target, untrained, prompts, 4, 40, set())
+    _, stats = SpeculativeDecoder(target, trained, 4).generate(prompts, 40)
+    assert good.mean_accepted_length == pytest.approx(stats.to_dict()["mean_accepted_length"])
+    assert good.acceptance_by_position == pytest.approx(stats.to_dict()["acceptance_by_position"])
+    assert all(g > b for g, b in zip(good.head_top1, bad.head_top1))
+    assert all(t5 >= t1 for t5, t1 in zip(good.head_top5, good.head_top1))
+    assert good.head_top1[0] > 0.5 and good.outputs_identical
+
+
+def test_eval_cli_json(capsys, trained_pair, tmp_path):
+    target_dir, target, tokenizer, _, trained = trained_pair
+    trained.save_pretrained(tmp_path / "draft")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the red cat sees\nthe old baker\n")
+    code = main(["eval", "--target", str(target_dir), "--draft", str(tmp_path / "draft"), "--prompts", str(prompts),
+                 "--num-speculative-tokens", "3", "--max-new-tokens", "24", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_prompts"] == 2 and len(result["head_top1"]) == 3 and result["outputs_identical"]
