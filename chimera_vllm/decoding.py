@@ -177,7 +177,7 @@ class SpeculativeDecoder:
         anchor = hidden[:, -1]
         first = self.sampler.sample(self._lm_head(anchor))
         ctx_k = ctx_v = None
-        if self.draft is not None:
+        if self.draft is not None and self.draft.uses_context:
             ctx_k, ctx_v = self.draft.encoder.context_kv(hidden, positions)
         state = _DeviceState(
             rows=list(range(len(lengths))),
@@ -221,7 +221,7 @@ class SpeculativeDecoder:
         rows = torch.arange(B, device=device)
         new_valid = torch.arange(K + 1, device=device)[None] <= accepted[:, None]
         state.valid = torch.cat([state.valid, new_valid], dim=1)
-        if self.draft is not None:
+        if state.ctx_k is not None:
             new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
             state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
             state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)

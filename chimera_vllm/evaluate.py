@@ -59,7 +59,7 @@ def head_accuracy(
             p = torch.arange(first_anchor + k + 1, T - 1, device=ids.device)
             if len(p) == 0:
                 continue
-            logits = draft.head_logits(k, h_hat[0, p], anchor[0, p], parts)
+            logits = draft.head_logits(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
             rank = label_rank(logits, ids[0, p + 1])
             hits1[k] += (rank < 1).sum().item()
             hits5[k] += (rank < 5).sum().item()

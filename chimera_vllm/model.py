@@ -190,6 +190,23 @@ class FullHeads(nn.Module):
         return F.linear(torch.cat([anchor, h_hat], dim=-1), self.weight[step])
 
 
+class MedusaHeads(nn.Module):
+    """The Medusa baseline: head k reads only the anchor, y = h_a + SiLU(W_k h_a + b_k), logits = LMHead(y).
+
+    A draft with these heads has no trigram or full-context encoder; it is
+    trained and evaluated by the same code, for side-by-side comparisons.
+    """
+
+    def __init__(self, num_heads: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))
+
+    def forward(self, step: int, h_hat: Tensor | None, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
+        y = anchor + F.silu(F.linear(anchor, self.weight[step], self.bias[step]))
+        return F.linear(y, lm_head_weight.to(y.dtype))
+
+
 TokenChooser = Callable[[int, Tensor], Tensor]
 """(step k, logits [B, V]) -> chosen token ids [B]."""
 
@@ -206,10 +223,15 @@ class ChimeraDraft(nn.Module):
         super().__init__()
         self.config = config
         H = config.hidden_size
+        self.trigram: TrigramEncoder | None = None
+        self.encoder: ContextEncoderLayer | None = None
+        if config.head_type == "medusa":
+            self.heads: nn.Module = MedusaHeads(config.num_heads, H)
+            return
         self.trigram = TrigramEncoder(H, config.trigram_mlp)
         self.encoder = ContextEncoderLayer(config.layer_config())
         if config.head_type == "residual":
-            self.heads: nn.Module = ResidualHeads(config.num_heads, H)
+            self.heads = ResidualHeads(config.num_heads, H)
         else:
             self.heads = FullHeads(config.num_heads, H, config.vocab_size)
 
@@ -225,7 +247,12 @@ class ChimeraDraft(nn.Module):
                 self.heads.weight.copy_(torch.cat([lm, lm], dim=-1).expand_as(self.heads.weight))
         # Residual heads are zero-initialised: each already equals the target's LM head on ĥ.
 
-    def head_logits(self, step: int, h_hat: Tensor, anchor: Tensor, parts: TargetParts) -> Tensor:
+    @property
+    def uses_context(self) -> bool:
+        """False for the Medusa baseline, which keeps no encoder context."""
+        return self.encoder is not None
+
+    def head_logits(self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts) -> Tensor:
         return self.heads(step, h_hat, anchor, parts.lm_head_weight)
 
     def check_num_steps(self, num_steps: int) -> None:
@@ -258,6 +285,11 @@ class ChimeraDraft(nn.Module):
         """
         self.check_num_steps(num_steps)
         tri, tokens, all_logits = last_tokens, [], []
+        if not self.uses_context:
+            for k in range(num_steps):
+                all_logits.append(self.head_logits(k, None, anchor, parts))
+                tokens.append(choose(k, all_logits[-1]))
+            return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
         mask = ctx_valid[:, None, :]
         for k in range(num_steps):
             pos = (next_position + k)[:, None]

@@ -41,7 +41,7 @@ def test_step_mask_block_structure():
     assert not h[:3].any()  # p <= 2 has no verified context (no anchor) at step 2
 
 
-@pytest.mark.parametrize("trigram_mlp,head_type", [("resblock", "residual"), ("linear", "full")])
+@pytest.mark.parametrize("trigram_mlp,head_type", [("resblock", "residual"), ("linear", "full"), ("resblock", "medusa")])
 def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigram_mlp, head_type):
     """Step k's training logits at every position equal the drafting loop's, fed the true tokens."""
     target = load_target(str(tiny_target_dir))
@@ -55,7 +55,9 @@ def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigra
     worst = 0.0
     for b in range(ids.shape[0]):  # the drafting loop is no_grad; so is this comparison
         for n in [0, 1, 2, 5, 9, 16 - K - 2]:  # drafting starts after the target verified x_0..x_{n+1}
-            ctx_k, ctx_v = draft.encoder.context_kv(hidden[b : b + 1, : n + 1], torch.arange(n + 1)[None])
+            ctx_k = ctx_v = None
+            if draft.uses_context:
+                ctx_k, ctx_v = draft.encoder.context_kv(hidden[b : b + 1, : n + 1], torch.arange(n + 1)[None])
             t = ids[b].tolist()
             last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
             forced = lambda k, logits, b=b, n=n: ids[b : b + 1, n + 2 + k]  # noqa: E731
@@ -67,7 +69,7 @@ def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigra
                 h_hat, anchor = train_out[k]
                 p = n + 1 + k
                 with torch.no_grad():
-                    expected = draft.head_logits(k, h_hat[b, p], anchor[b, p], parts)
+                    expected = draft.head_logits(k, None if h_hat is None else h_hat[b, p], anchor[b, p], parts)
                 worst = max(worst, float((expected - logits[0, k]).abs().max()))
     assert worst < 1e-4, f"training and drafting logits differ by {worst}"
 
@@ -155,3 +157,20 @@ def test_malformed_training_data_names_file_and_line(tmp_path, line, message):
     with pytest.raises(DataFormatError) as err:
         read_sequences(path, vocab_size=1000)
     assert f"bad.jsonl:2: {message}" in str(err.value)
+
+
+def test_medusa_baseline_trains_and_decodes_losslessly(trained_pair, tmp_path):
+    """The baseline: heads over h_a only (no trigram, no encoder), same trainer, same decoder."""
+    target_dir, target, tokenizer, _, _ = trained_pair
+    data = target_dir.parent / "data.jsonl"
+    run = train(TrainArgs(target=str(target_dir), data=str(data), out=str(tmp_path / "medusa"), head_type="medusa",
+                          steps=40, batch_size=16, lr=3e-3, save_every=1000, log_every=5, progress=False))
+    medusa = ChimeraDraft.from_pretrained(run, target.config)
+    assert medusa.trigram is None and medusa.encoder is None
+    assert set(medusa.state_dict()) == {"heads.weight", "heads.bias"}
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["ce_0"] < log[0]["ce_0"] and "mse_0" not in log[-1]
+    prompts = grammar_prompts(tokenizer, 6, seed=77)
+    plain, _ = SpeculativeDecoder(target).generate(prompts, 32)
+    outputs, stats = SpeculativeDecoder(target, medusa, 4).generate(prompts, 32)
+    assert outputs == plain

@@ -41,11 +41,15 @@ def shifted_anchor(hidden: Tensor, step: int) -> Tensor:
 def draft_steps(
     draft: ChimeraDraft, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield (k, ĥ^(k) [B, T, H], anchor^(k) [B, T, H]) for every draft step, teacher-forced.
+    """Yield (k, ĥ^(k) [B, T, H] or None for Medusa, anchor^(k) [B, T, H]) for every draft step, teacher-forced.
 
     input_ids [B, T] and the target's final hidden states hidden [B, T, H].
     Positions p <= k have no anchor; their outputs are meaningless and must not be trained.
     """
+    if not draft.uses_context:  # the Medusa baseline: heads over the anchor alone
+        for k in range(num_steps):
+            yield k, None, shifted_anchor(hidden, k)
+        return
     B, T = input_ids.shape
     positions = torch.arange(T, device=input_ids.device).expand(B, T)
     e = draft.trigram(trigram_ids(input_ids), parts.embed_weight)
@@ -93,12 +97,14 @@ class ChimeraObjective(nn.Module):
             sel[:, : k + 1] = False
             if not sel.any():
                 continue
-            hh, an = h_hat[:, : T - 1][sel], anchor[:, : T - 1][sel]
-            logits = self.draft.head_logits(k, hh, an, self.parts).float()
+            hh = h_hat[:, : T - 1][sel] if h_hat is not None else None
+            logits = self.draft.head_logits(k, hh, anchor[:, : T - 1][sel], self.parts).float()
             target_label = labels[sel]
-            ce = F.cross_entropy(logits, target_label)
-            mse = F.mse_loss(hh.float(), hidden[:, : T - 1][sel].float())
-            loss = ce + self.weights.mse * mse
+            loss = ce = F.cross_entropy(logits, target_label)
+            if hh is not None:
+                mse = F.mse_loss(hh.float(), hidden[:, : T - 1][sel].float())
+                loss = loss + self.weights.mse * mse
+                metrics[f"mse_{k}"] = mse.item()
             if self.weights.kl > 0:
                 teacher = F.log_softmax(F.linear(hidden[:, : T - 1][sel], self.parts.lm_head_weight).float(), -1)
                 kl = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
@@ -106,7 +112,6 @@ class ChimeraObjective(nn.Module):
                 metrics[f"kl_{k}"] = kl.item()
             total = total + self.weights.step_weights[k] * loss
             metrics[f"ce_{k}"] = ce.item()
-            metrics[f"mse_{k}"] = mse.item()
             metrics[f"top1_{k}"] = (logits.argmax(-1) == target_label).float().mean().item()
         metrics["loss"] = total.item()
         return total, metrics

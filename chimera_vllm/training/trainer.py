@@ -146,7 +146,9 @@ def train(args: TrainArgs) -> Path:
         else:
             draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
         start, history = 0, []
-    draft = draft.to(device=device, dtype=target.dtype).train()
+    # float32 master weights; with a bf16/fp16 target the forward runs under autocast.
+    draft = draft.to(device=device, dtype=torch.float32).train()
+    autocast = torch.autocast(torch.device(device).type, dtype=target.dtype, enabled=target.dtype != torch.float32)
     weights = LossWeights.geometric(draft.num_heads, args.step_decay, args.mse_weight, args.kl_weight)
     objective: torch.nn.Module = ChimeraObjective(draft, parts, weights)
     if world > 1:
@@ -164,7 +166,8 @@ def train(args: TrainArgs) -> Path:
         ids, attn, labels = (t.to(device) for t in collate(batch))
         with torch.no_grad():
             hidden = final_hidden(target, ids, attn.long())
-        loss, metrics = objective(ids, hidden, labels)
+        with autocast:
+            loss, metrics = objective(ids, hidden, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), args.grad_clip)
