@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from chimera_vllm.checkpoint import init_draft
-from chimera_vllm.model import ChimeraDraft
-from chimera_vllm.target import load_target, load_tokenizer
-from chimera_vllm.tiny import build_tiny_target, build_trained_pair
+# Kernel tests run Triton's interpreter on CPU; it must be chosen before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from chimera_vllm.checkpoint import init_draft  # noqa: E402
+from chimera_vllm.model import ChimeraDraft  # noqa: E402
+from chimera_vllm.target import load_target, load_tokenizer  # noqa: E402
+from chimera_vllm.tiny import build_tiny_target, build_trained_pair  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
