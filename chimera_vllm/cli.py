@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup-steps", type=int, default=20)
     t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--max-positions", type=int, default=None,
+                   help="train each head on at most this many random positions per step (cheaper for large vocabularies)")
     t.add_argument("--step-decay", type=float, default=0.8, help="loss weight of head k is decay**k")
     t.add_argument("--mse-weight", type=float, default=1.0)
     t.add_argument("--kl-weight", type=float, default=0.0)

@@ -174,3 +174,18 @@ def test_medusa_baseline_trains_and_decodes_losslessly(trained_pair, tmp_path):
     plain, _ = SpeculativeDecoder(target).generate(prompts, 32)
     outputs, stats = SpeculativeDecoder(target, medusa, 4).generate(prompts, 32)
     assert outputs == plain
+
+
+def test_position_subsampling_is_a_seeded_subset(llama_target, llama_dir):
+    draft = init_draft(llama_target, str(llama_dir), 2)
+    objective = ChimeraObjective(draft, TargetParts.from_model(llama_target), LossWeights.geometric(2), max_positions=4)
+    sel = torch.zeros(2, 12, dtype=torch.bool)
+    sel[0, 3:9] = sel[1, 5:11] = True
+    objective.reseed(7)
+    first = objective._subsample(sel)
+    objective.reseed(7)
+    assert torch.equal(objective._subsample(sel), first)
+    assert int(first.sum()) == 4 and not (first & ~sel).any()
+    few = torch.zeros_like(sel)
+    few[0, 4] = True
+    assert torch.equal(objective._subsample(few), few)

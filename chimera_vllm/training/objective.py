@@ -79,11 +79,30 @@ class LossWeights:
 class ChimeraObjective(nn.Module):
     """Wraps the draft so that one forward() computes the loss (what DDP needs to wrap)."""
 
-    def __init__(self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights):
+    def __init__(
+        self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights, max_positions: int | None = None
+    ):
         super().__init__()
         self.draft = draft
         self.parts = parts
         self.weights = weights
+        # The LM head's [N, V] logits dominate a step's cost for large V: each step trains
+        # on at most max_positions positions of the batch, a fresh random subset every time.
+        self.max_positions = max_positions
+        self.generator = torch.Generator()
+
+    def reseed(self, seed: int) -> None:
+        """Fix the position subsets of the next forward (the trainer reseeds every step)."""
+        self.generator.manual_seed(seed)
+
+    def _subsample(self, sel: Tensor) -> Tensor:
+        if self.max_positions is None or int(sel.sum()) <= self.max_positions:
+            return sel
+        chosen = sel.flatten().nonzero()[:, 0]
+        keep = chosen[torch.randperm(len(chosen), generator=self.generator)[: self.max_positions].to(sel.device)]
+        out = torch.zeros_like(sel).flatten()
+        out[keep] = True
+        return out.view_as(sel)
 
     def forward(self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
         """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H]."""
@@ -95,6 +114,7 @@ class ChimeraObjective(nn.Module):
             # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label to predict.
             sel = label_mask[:, 1:].clone()
             sel[:, : k + 1] = False
+            sel = self._subsample(sel)
             if not sel.any():
                 continue
             hh = h_hat[:, : T - 1][sel] if h_hat is not None else None

@@ -44,6 +44,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_length: int = 512
+    max_positions: int | None = None  # trained positions per step (all when None)
     step_decay: float = 0.8
     mse_weight: float = 1.0
     kl_weight: float = 0.0
@@ -150,7 +151,8 @@ def train(args: TrainArgs) -> Path:
     draft = draft.to(device=device, dtype=torch.float32).train()
     autocast = torch.autocast(torch.device(device).type, dtype=target.dtype, enabled=target.dtype != torch.float32)
     weights = LossWeights.geometric(draft.num_heads, args.step_decay, args.mse_weight, args.kl_weight)
-    objective: torch.nn.Module = ChimeraObjective(draft, parts, weights)
+    chimera_objective = ChimeraObjective(draft, parts, weights, args.max_positions)
+    objective: torch.nn.Module = chimera_objective
     if world > 1:
         objective = DistributedDataParallel(objective, find_unused_parameters=True)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -166,6 +168,7 @@ def train(args: TrainArgs) -> Path:
         ids, attn, labels = (t.to(device) for t in collate(batch))
         with torch.no_grad():
             hidden = final_hidden(target, ids, attn.long())
+        chimera_objective.reseed(args.seed * 1_000_003 + step * world + rank)
         with autocast:
             loss, metrics = objective(ids, hidden, labels)
         opt.zero_grad(set_to_none=True)
