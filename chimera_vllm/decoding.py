@@ -203,7 +203,7 @@ class SpeculativeDecoder:
             drafts, draft_logits = self.draft.propose(
                 self.parts, state.ctx_k, state.ctx_v, state.valid,
                 reqs.last_three(state.rows).to(device), state.next_pos, state.anchor,
-                K, self.sampler.choose,
+                K, None if self.sampler.greedy else self.sampler.choose,
             )
             ids = torch.cat([state.pending[:, None], drafts], dim=1)
         else:

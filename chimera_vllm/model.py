@@ -28,6 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ChimeraConfig, ChimeraConfigError
+from .kernels.greedy_head import greedy_draft_head
+from .kernels.residual_head import residual_head
+from .kernels.trigram import trigram_fused
 
 
 @dataclass
@@ -67,9 +70,11 @@ class TrigramEncoder(nn.Module):
         self.mlp = nn.Sequential(*layers, nn.Linear(h3, hidden_size, bias=False))
 
     def forward(self, trigram_ids: Tensor, embed_weight: Tensor) -> Tensor:
-        """trigram_ids [..., 3] -> [..., H]."""
-        emb = F.embedding(trigram_ids, embed_weight)
-        return self.mlp(emb.flatten(-2).to(self.mlp[-1].weight.dtype))
+        """trigram_ids [..., 3] -> [..., H] (the fused kernel on CUDA at inference)."""
+        res = self.mlp[0] if isinstance(self.mlp[0], ResBlock) else None
+        w1, b1 = (res.linear.weight, res.linear.bias) if res is not None else (None, None)
+        out = trigram_fused(trigram_ids.reshape(-1, 3), embed_weight, w1, b1, self.mlp[-1].weight)
+        return out.view(*trigram_ids.shape[:-1], -1)
 
 
 def trigram_ids(input_ids: Tensor) -> Tensor:
@@ -174,9 +179,10 @@ class ResidualHeads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, 2 * hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))
 
-    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
-        y = h_hat + F.silu(F.linear(torch.cat([h_hat, anchor], dim=-1), self.weight[step], self.bias[step]))
-        return F.linear(y, lm_head_weight.to(y.dtype))
+    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> tuple[Tensor, Tensor]:
+        H = h_hat.shape[-1]
+        y = residual_head(h_hat.reshape(-1, H), anchor.reshape(-1, H), self.weight, self.bias, step)
+        return y.view_as(h_hat), lm_head_weight
 
 
 class FullHeads(nn.Module):
@@ -186,8 +192,8 @@ class FullHeads(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_heads, vocab_size, 2 * hidden_size))
 
-    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
-        return F.linear(torch.cat([anchor, h_hat], dim=-1), self.weight[step])
+    def forward(self, step: int, h_hat: Tensor, anchor: Tensor, lm_head_weight: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([anchor, h_hat], dim=-1), self.weight[step]
 
 
 class MedusaHeads(nn.Module):
@@ -202,13 +208,12 @@ class MedusaHeads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))
 
-    def forward(self, step: int, h_hat: Tensor | None, anchor: Tensor, lm_head_weight: Tensor) -> Tensor:
-        y = anchor + F.silu(F.linear(anchor, self.weight[step], self.bias[step]))
-        return F.linear(y, lm_head_weight.to(y.dtype))
+    def forward(self, step: int, h_hat: Tensor | None, anchor: Tensor, lm_head_weight: Tensor) -> tuple[Tensor, Tensor]:
+        return anchor + F.silu(F.linear(anchor, self.weight[step], self.bias[step])), lm_head_weight
 
 
 TokenChooser = Callable[[int, Tensor], Tensor]
-"""(step k, logits [B, V]) -> chosen token ids [B]."""
+"""(step k, logits [B, V]) -> chosen token ids [B]. None means greedy, by the fused arg-max."""
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -253,7 +258,19 @@ class ChimeraDraft(nn.Module):
         return self.encoder is not None
 
     def head_logits(self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts) -> Tensor:
-        return self.heads(step, h_hat, anchor, parts.lm_head_weight)
+        """Every head is features [..., D] times a vocabulary matrix [V, D]."""
+        features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
+        return F.linear(features, vocab.to(features.dtype))
+
+    def _draft_tokens(
+        self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts, choose: TokenChooser | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(tokens [B], logits [B, V]); greedy drafting never materialises the logits."""
+        if choose is None:
+            features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
+            return greedy_draft_head(features, vocab.to(features.dtype)), None
+        logits = self.head_logits(step, h_hat, anchor, parts)
+        return choose(step, logits), logits
 
     def check_num_steps(self, num_steps: int) -> None:
         if not 1 <= num_steps <= self.num_heads:
@@ -273,30 +290,30 @@ class ChimeraDraft(nn.Module):
         next_position: Tensor,
         anchor: Tensor,
         num_steps: int,
-        choose: TokenChooser,
-    ) -> tuple[Tensor, Tensor]:
+        choose: TokenChooser | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """The drafting loop for a batch of requests.
 
         ctx_k/ctx_v [B, kvh, S, d]: encoder keys/values of the verified hidden
         states h_0..h_n (ctx_valid [B, S] marks the real slots). last_tokens
         [B, 3] are (x_{n-1}, x_n, x_{n+1}) (x_{n+1} is the target's newest
         token), next_position [B] is n+1 and anchor [B, H] is h_n.
-        Returns the drafted tokens [B, num_steps] and their logits [B, num_steps, V].
+        Returns the drafted tokens [B, num_steps] and their logits [B, num_steps, V]
+        (None when choose is None: greedy drafting by the fused arg-max).
         """
         self.check_num_steps(num_steps)
         tri, tokens, all_logits = last_tokens, [], []
-        if not self.uses_context:
-            for k in range(num_steps):
-                all_logits.append(self.head_logits(k, None, anchor, parts))
-                tokens.append(choose(k, all_logits[-1]))
-            return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
-        mask = ctx_valid[:, None, :]
+        mask = ctx_valid[:, None, :] if self.uses_context else None
         for k in range(num_steps):
+            if not self.uses_context:  # the Medusa baseline
+                tok, logits = self._draft_tokens(k, None, anchor, parts, choose)
+                tokens.append(tok)
+                all_logits.append(logits)
+                continue
             pos = (next_position + k)[:, None]
             e = self.trigram(tri, parts.embed_weight)[:, None]
             h_hat = self.encoder(e, pos, ctx_k, ctx_v, mask)
-            logits = self.head_logits(k, h_hat[:, 0], anchor, parts)
-            tok = choose(k, logits)
+            tok, logits = self._draft_tokens(k, h_hat[:, 0], anchor, parts, choose)
             tokens.append(tok)
             all_logits.append(logits)
             if k + 1 < num_steps:
@@ -305,7 +322,8 @@ class ChimeraDraft(nn.Module):
                 ctx_v = torch.cat([ctx_v, new_v], dim=2)
                 mask = F.pad(mask, (0, 1), value=True)
                 tri = torch.cat([tri[:, 1:], tok[:, None]], dim=1)
-        return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
+        logits = None if choose is None else torch.stack(all_logits, dim=1)
+        return torch.stack(tokens, dim=1), logits
 
     # --- checkpoints ---------------------------------------------------------
 

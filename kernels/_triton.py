@@ -21,5 +21,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton where it compiles (CUDA). vLLM disables Triton on CPU, so CPU runs the reference."""
-    return HAVE_TRITON and all(t.is_cuda for t in tensors)
+    """Triton on CUDA at inference. vLLM disables Triton on CPU, so CPU runs the reference;
+    the kernels have no backward, so anything that needs a gradient runs the reference too."""
+    if not HAVE_TRITON or not all(t.is_cuda for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

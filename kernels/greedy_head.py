@@ -64,6 +64,7 @@ def greedy_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Ten
 
 
 def greedy_draft_head(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """[T, H] features, [V, H] vocabulary matrix -> arg-max ids [T]; Triton on CUDA at inference."""
     if use_triton(hidden, lm_head):
         return greedy_head_triton(hidden, lm_head)
     return greedy_head_reference(hidden, lm_head)

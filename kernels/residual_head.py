@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from ._triton import INTERPRET, tl, triton, use_triton
 
 
-def residual_head_reference(h_hat, anchor, weight, bias, step: torch.Tensor) -> torch.Tensor:
-    """h_hat/anchor [T, H], weight [K, H, 2H], bias [K, H], step: 0-d int tensor -> [T, H]."""
+def residual_head_reference(h_hat, anchor, weight, bias, step: int | torch.Tensor) -> torch.Tensor:
+    """h_hat/anchor [T, H], weight [K, H, 2H], bias [K, H], step (int or 0-d tensor) -> [T, H]."""
     w, b = weight[step], bias[step]
     return h_hat + F.silu(F.linear(torch.cat([h_hat, anchor], dim=-1), w, b))
 
@@ -66,7 +66,9 @@ def residual_head_triton(h_hat, anchor, weight, bias, step: torch.Tensor, out: t
     return out
 
 
-def residual_head(h_hat, anchor, weight, bias, step: torch.Tensor) -> torch.Tensor:
-    if use_triton(h_hat, weight):
+def residual_head(h_hat, anchor, weight, bias, step: int | torch.Tensor) -> torch.Tensor:
+    """[T, H] -> [T, H]; Triton on CUDA at inference, the PyTorch reference elsewhere."""
+    if use_triton(h_hat, anchor, weight, bias):
+        step = step if torch.is_tensor(step) else torch.tensor(step, device=h_hat.device)
         return residual_head_triton(h_hat, anchor, weight, bias, step)
     return residual_head_reference(h_hat, anchor, weight, bias, step)

@@ -20,7 +20,7 @@ def trigram_reference(
     ids: torch.Tensor, embed: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, w2: torch.Tensor
 ) -> torch.Tensor:
     """ids [T, 3], embed [V, H], w1 [3H, 3H] / b1 [3H] (None for the linear MLP), w2 [H, 3H] -> [T, H]."""
-    x = F.embedding(ids, embed).flatten(-2)
+    x = F.embedding(ids, embed).flatten(-2).to(w2.dtype)
     if w1 is not None:
         x = x + F.silu(F.linear(x, w1, b1))
     return F.linear(x, w2)
@@ -86,6 +86,7 @@ def trigram_triton(ids, embed, w1, b1, w2, out: torch.Tensor | None = None) -> t
 
 def trigram_fused(ids, embed, w1, b1, w2) -> torch.Tensor:
     """[T, 3] ids -> [T, H]; Triton on CUDA, the PyTorch reference elsewhere."""
-    if use_triton(embed, w2):
-        return trigram_triton(ids, embed, w1, b1, w2)
+    params = [w2] if w1 is None else [w1, b1, w2]
+    if use_triton(embed, *params):
+        return trigram_triton(ids, embed.to(w2.dtype), w1, b1, w2)
     return trigram_reference(ids, embed, w1, b1, w2)
