@@ -8,4 +8,5 @@ demo: setup
 	.venv/bin/python -m chimera_vllm.demo
 
 test: setup
+	.venv/bin/ruff check chimera_vllm kernels tests benchmarks
 	.venv/bin/python -m pytest -q tests

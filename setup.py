@@ -25,7 +25,7 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": ["chimera-vllm=chimera_vllm.cli:main"],

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from chimera_vllm.kernels.greedy_head import greedy_head_triton
 from chimera_vllm.kernels.residual_head import residual_head_reference, residual_head_triton
 from chimera_vllm.kernels.trigram import trigram_reference, trigram_triton
@@ -51,36 +50,50 @@ def ceilings() -> tuple[float, float]:
     return gbps, tflops
 
 
+def matmul_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """What greedy drafting costs without the fused kernel: the [T, V] logits, then their arg-max."""
+    return F.linear(hidden, lm_head).argmax(-1)
+
+
 def cases(quick: bool):
+    """(kernel, H, V, T, bytes moved, flops, Triton function, PyTorch reference, arguments)."""
     Hs, Vs, Ts = ([576], [49152], [1, 64]) if quick else ([576, 4096], [49152, 32000, 128256], [1, 8, 64, 512])
-    dev = "cuda"
+    randn = lambda *shape, scale=1.0: torch.randn(*shape, dtype=DT, device="cuda") * scale  # noqa: E731
     for H in Hs:
         for T in Ts:
-            ids = torch.randint(49152, (T, 3), device=dev)
-            emb = torch.randn(49152, H, dtype=DT, device=dev) * 0.02
-            w1 = torch.randn(3 * H, 3 * H, dtype=DT, device=dev) * (3 * H) ** -0.5
-            b1 = torch.zeros(3 * H, dtype=DT, device=dev)
-            w2 = torch.randn(H, 3 * H, dtype=DT, device=dev) * (3 * H) ** -0.5
-            bytes_ = (3 * T * H + 9 * H * H + 3 * H * H + T * H) * 2
-            flops = 2 * T * (9 * H * H + 3 * H * H)
-            yield ("trigram_fused", H, "-", T, bytes_, flops,
-                   lambda: trigram_triton(ids, emb, w1, b1, w2), lambda: trigram_reference(ids, emb, w1, b1, w2),
-                   (trigram_reference, (ids, emb, w1, b1, w2)))
-            hh, an = torch.randn(T, H, dtype=DT, device=dev), torch.randn(T, H, dtype=DT, device=dev)
-            w = torch.randn(4, H, 2 * H, dtype=DT, device=dev) * (2 * H) ** -0.5
-            b = torch.zeros(4, H, dtype=DT, device=dev)
-            step = torch.tensor(2, device=dev)
-            yield ("residual_head", H, "-", T, (3 * T * H + 2 * H * H) * 2, 2 * T * 2 * H * H,
-                   lambda: residual_head_triton(hh, an, w, b, step), lambda: residual_head_reference(hh, an, w, b, step),
-                   (residual_head_reference, (hh, an, w, b, step)))
+            ids = torch.randint(49152, (T, 3), device="cuda")
+            args = (
+                ids,
+                randn(49152, H, scale=0.02),
+                randn(3 * H, 3 * H, scale=(3 * H) ** -0.5),
+                randn(3 * H, scale=0.0),
+                randn(H, 3 * H, scale=(3 * H) ** -0.5),
+            )
+            nbytes = (3 * T * H + 12 * H * H + T * H) * 2
+            yield "trigram_fused", H, "-", T, nbytes, 2 * T * 12 * H * H, trigram_triton, trigram_reference, args
+            args = (
+                randn(T, H),
+                randn(T, H),
+                randn(4, H, 2 * H, scale=(2 * H) ** -0.5),
+                randn(4, H, scale=0.0),
+                torch.tensor(2, device="cuda"),
+            )
+            nbytes = (3 * T * H + 2 * H * H) * 2
+            yield (
+                "residual_head",
+                H,
+                "-",
+                T,
+                nbytes,
+                4 * T * H * H,
+                residual_head_triton,
+                residual_head_reference,
+                args,
+            )
             for V in Vs:
-                lm = torch.randn(V, H, dtype=DT, device=dev) * 0.02
-
-                def matmul_argmax(hh=hh, lm=lm):
-                    return F.linear(hh, lm).argmax(-1)
-
-                yield ("greedy_draft_head", H, V, T, (V * H + T * H) * 2, 2 * T * V * H,
-                       lambda hh=hh, lm=lm: greedy_head_triton(hh, lm), matmul_argmax, (matmul_argmax, ()))
+                args = (randn(T, H), randn(V, H, scale=0.02))
+                nbytes = (V * H + T * H) * 2
+                yield "greedy_draft_head", H, V, T, nbytes, 2 * T * V * H, greedy_head_triton, matmul_argmax, args
 
 
 def main() -> None:
@@ -92,31 +105,35 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     gbps, tflops = ceilings()
     rows = []
-    header = (f"| kernel | H | V | T | Triton µs | torch µs | compile µs | vs torch | vs compile "
-              f"| GB/s (% of {gbps:.0f}) | TFLOP/s (% of {tflops:.0f}) |")
-    for name, H, V, T, nbytes, flops, triton_fn, torch_fn, (ref, ref_args) in cases(args.quick):
-        compiled = torch.compile(ref)
-        t_tri = median_ms(triton_fn) * 1e3
-        t_ref = median_ms(torch_fn) * 1e3
-        t_cmp = median_ms(lambda: compiled(*ref_args)) * 1e3
+    header = (
+        f"| kernel | H | V | T | Triton µs | torch µs | compile µs | vs torch | vs compile "
+        f"| GB/s (% of {gbps:.0f}) | TFLOP/s (% of {tflops:.0f}) |"
+    )
+    for name, H, V, T, nbytes, flops, triton_fn, torch_fn, fn_args in cases(args.quick):
+        compiled = torch.compile(torch_fn)
+        t_tri, t_ref, t_cmp = (median_ms(lambda f=f, a=fn_args: f(*a)) * 1e3 for f in (triton_fn, torch_fn, compiled))
         bw, fl = nbytes / (t_tri * 1e-6) / 1e9, flops / (t_tri * 1e-6) / 1e12
-        rows.append(f"| {name} | {H} | {V} | {T} | {t_tri:.1f} | {t_ref:.1f} | {t_cmp:.1f} | {t_ref / t_tri:.2f}x "
-                    f"| {t_cmp / t_tri:.2f}x | {bw:.0f} ({100 * bw / gbps:.0f}%) | {fl:.1f} ({100 * fl / tflops:.0f}%) |")
+        rows.append(
+            f"| {name} | {H} | {V} | {T} | {t_tri:.1f} | {t_ref:.1f} | {t_cmp:.1f} | {t_ref / t_tri:.2f}x "
+            f"| {t_cmp / t_tri:.2f}x | {bw:.0f} ({100 * bw / gbps:.0f}%) | {fl:.1f} ({100 * fl / tflops:.0f}%) |"
+        )
         print(rows[-1], flush=True)
     sep = "|" + "---|" * (header.count("|") - 1)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = "\n".join([
-        f"# Kernel benchmarks on {device}",
-        "",
-        f"{stamp}; torch {torch.__version__}; {platform.python_version()}; command: `python benchmarks/kernels.py"
-        f"{' --quick' if args.quick else ''}`. bf16, median of 50 CUDA-event timings.",
-        f"Ceilings measured here: device-to-device copy {gbps:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s.",
-        "",
-        header,
-        sep,
-        *rows,
-        "",
-    ])
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join(
+        [
+            f"# Kernel benchmarks on {device}",
+            "",
+            f"{stamp}; torch {torch.__version__}; {platform.python_version()}; command: `python benchmarks/kernels.py"
+            f"{' --quick' if args.quick else ''}`. bf16, median of 50 CUDA-event timings.",
+            f"Ceilings measured here: device-to-device copy {gbps:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s.",
+            "",
+            header,
+            sep,
+            *rows,
+            "",
+        ]
+    )
     out = Path(__file__).parent / "results" / f"kernels-{device.replace(' ', '-')}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)

@@ -69,7 +69,9 @@ def convert_official(target: PreTrainedModel, target_name_or_path: str, official
     )
     head_keys = sorted((k for k in heads), key=lambda k: int(k.split(".")[0]))
     if not head_keys or any(not k.endswith(".0.weight") for k in head_keys):
-        raise ChimeraCheckpointError(f"{official_dir / 'chimera_head.pt'}: expected keys '<k>.0.weight', got {head_keys}")
+        raise ChimeraCheckpointError(
+            f"{official_dir / 'chimera_head.pt'}: expected keys '<k>.0.weight', got {head_keys}"
+        )
     state["heads.weight"] = torch.stack([heads[k] for k in head_keys])
 
     gate = state.get("encoder.mlp.gate_proj.weight")

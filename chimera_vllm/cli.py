@@ -64,13 +64,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
     k = args.num_speculative_tokens or draft.num_heads
     result = evaluate(
-        target, draft, prompts, k, args.max_new_tokens, _eos_ids(target, tokenizer), args.batch_size, progress=not args.json
+        target,
+        draft,
+        prompts,
+        k,
+        args.max_new_tokens,
+        _eos_ids(target, tokenizer),
+        args.batch_size,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
         return
-    print(f"{result.num_prompts} prompts, K={k}: mean accepted length {result.mean_accepted_length:.3f} "
-          f"(outputs identical to the target's: {'yes' if result.outputs_identical else 'NO'})")
+    print(
+        f"{result.num_prompts} prompts, K={k}: mean accepted length {result.mean_accepted_length:.3f} "
+        f"(outputs identical to the target's: {'yes' if result.outputs_identical else 'NO'})"
+    )
     print(f"{'head':>6}{'acceptance':>12}{'top-1':>8}{'top-5':>8}")
     for i in range(k):
         print(f"{i:>6}{result.acceptance_by_position[i]:>12.3f}{result.head_top1[i]:>8.3f}{result.head_top5[i]:>8.3f}")
@@ -135,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", help="Chimera draft directory (omit to decode with the target alone)")
     g.add_argument("--prompts", required=True, help=".jsonl with prompt/turns per line, or text with one prompt a line")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default: all heads)")
+    g.add_argument(
+        "--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default: all heads)"
+    )
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--engine", choices=["hf"], default="hf")
@@ -199,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup-steps", type=int, default=20)
     t.add_argument("--max-length", type=int, default=512)
-    t.add_argument("--max-positions", type=int, default=None,
-                   help="train each head on at most this many random positions per step (cheaper for large vocabularies)")
+    t.add_argument(
+        "--max-positions",
+        type=int,
+        default=None,
+        help="train each head on at most this many random positions per step (cheaper for large vocabularies)",
+    )
     t.add_argument("--step-decay", type=float, default=0.8, help="loss weight of head k is decay**k")
     t.add_argument("--mse-weight", type=float, default=1.0)
     t.add_argument("--kl-weight", type=float, default=0.0)

@@ -156,9 +156,7 @@ class ChimeraConfig:
             "speculators_model_type": SPECULATORS_MODEL_TYPE,
             "speculators_config": {
                 "algorithm": SPECULATORS_MODEL_TYPE,
-                "proposal_methods": [
-                    {"proposal_type": "greedy", "speculative_tokens": self.num_heads}
-                ],
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": self.num_heads}],
                 "default_proposal_method": "greedy",
                 "verifier": {
                     "name_or_path": self.verifier_name_or_path,

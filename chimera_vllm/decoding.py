@@ -168,8 +168,8 @@ class SpeculativeDecoder:
         ids = torch.zeros(len(lengths), L, dtype=torch.long)
         mask = torch.zeros(len(lengths), L, dtype=torch.bool)
         for i, t in enumerate(reqs.tokens):  # left padding: every prompt ends in the last slot
-            ids[i, L - len(t):] = torch.tensor(t)
-            mask[i, L - len(t):] = True
+            ids[i, L - len(t) :] = torch.tensor(t)
+            mask[i, L - len(t) :] = True
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -201,9 +201,15 @@ class SpeculativeDecoder:
         K, device = self.k, self.target.device
         if K:
             drafts, draft_logits = self.draft.propose(
-                self.parts, state.ctx_k, state.ctx_v, state.valid,
-                reqs.last_three(state.rows).to(device), state.next_pos, state.anchor,
-                K, None if self.sampler.greedy else self.sampler.choose,
+                self.parts,
+                state.ctx_k,
+                state.ctx_v,
+                state.valid,
+                reqs.last_three(state.rows).to(device),
+                state.next_pos,
+                state.anchor,
+                K,
+                None if self.sampler.greedy else self.sampler.choose,
             )
             ids = torch.cat([state.pending[:, None], drafts], dim=1)
         else:

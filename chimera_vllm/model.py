@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -23,9 +25,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     rotate_half,
 )
-
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
@@ -109,9 +108,7 @@ class EncoderAttention(nn.Module):
         v = self._split(self.v_proj(x), self.num_kv_heads)
         return _rope(k, cos, sin), v
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor) -> Tensor:
         """x [B, T, H] (normed); ctx_k/ctx_v [B, kvh, S, d]; ctx_mask [B|1, T, S] bool.
 
         Each query attends to the context entries its mask allows and to its own key/value.
@@ -157,9 +154,7 @@ class ContextEncoderLayer(nn.Module):
         cos, sin = self.rotary_emb(x, positions)
         return self.self_attn.key_values(x, cos, sin)
 
-    def forward(
-        self, e: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor
-    ) -> Tensor:
+    def forward(self, e: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor) -> Tensor:
         """e [B, T, H] trigram encodings at positions [B, T] -> ĥ [B, T, H]."""
         x = self.input_layernorm(e)
         cos, sin = self.rotary_emb(x, positions)
@@ -283,8 +278,8 @@ class ChimeraDraft(nn.Module):
     def propose(
         self,
         parts: TargetParts,
-        ctx_k: Tensor,
-        ctx_v: Tensor,
+        ctx_k: Tensor | None,
+        ctx_v: Tensor | None,
         ctx_valid: Tensor,
         last_tokens: Tensor,
         next_position: Tensor,
@@ -295,7 +290,7 @@ class ChimeraDraft(nn.Module):
         """The drafting loop for a batch of requests.
 
         ctx_k/ctx_v [B, kvh, S, d]: encoder keys/values of the verified hidden
-        states h_0..h_n (ctx_valid [B, S] marks the real slots). last_tokens
+        states h_0..h_n (ctx_valid [B, S] marks the real slots; None for Medusa). last_tokens
         [B, 3] are (x_{n-1}, x_n, x_{n+1}) (x_{n+1} is the target's newest
         token), next_position [B] is n+1 and anchor [B, H] is h_n.
         Returns the drafted tokens [B, num_steps] and their logits [B, num_steps, V]

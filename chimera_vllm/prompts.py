@@ -74,7 +74,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         found = _from_record(obj)
         if found is None:
             raise PromptFileError(
-                f'{where}: expected {{"prompt": str}}, {{"turns": [str, ...]}}, {{"question": str}} or {{"instruction": str}}'
+                f'{where}: expected {{"prompt": str}}, {{"turns": [str, ...]}}, {{"question": str}} '
+                f'or {{"instruction": str}}'
             )
         prompts.append(Prompt(where, *found))
     if not prompts:
@@ -89,7 +90,11 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 
 def encode(tokenizer, prompt: Prompt, chat: bool | None = None) -> list[int]:
     """Token ids of a prompt; chat=True renders every prompt as a chat message."""
-    ids = encode_chat(tokenizer, prompt.text) if (prompt.chat if chat is None else chat) else tokenizer(prompt.text).input_ids
+    ids = (
+        encode_chat(tokenizer, prompt.text)
+        if (prompt.chat if chat is None else chat)
+        else tokenizer(prompt.text).input_ids
+    )
     if not ids:
         raise PromptFileError(f"{prompt.source}: the prompt is empty after tokenisation")
     return ids

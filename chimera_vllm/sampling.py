@@ -38,9 +38,7 @@ class TokenSampler:
         """The drafting loop's chooser: the draft samples with the same rule as the target."""
         return self.sample(logits)
 
-    def verify(
-        self, draft_tokens: Tensor, draft_logits: Tensor | None, target_logits: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def verify(self, draft_tokens: Tensor, draft_logits: Tensor | None, target_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Decide how many drafts each request keeps and the token that follows them.
 
         draft_tokens [B, K], draft_logits [B, K, V] (unused, may be None, when greedy), target_logits [B, K+1, V]

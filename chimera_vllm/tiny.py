@@ -141,8 +141,15 @@ def build_trained_pair(root: str | Path, target_steps: int = 150, draft_steps: i
     write_sequences(data, [Sequence(p + o, len(p)) for p, o in zip(prompts, outputs)])
     draft_dir = train(
         TrainArgs(
-            target=str(target_dir), data=str(data), out=str(root / "draft"), steps=draft_steps,
-            batch_size=16, lr=3e-3, save_every=10**9, resume=False, progress=False,
+            target=str(target_dir),
+            data=str(data),
+            out=str(root / "draft"),
+            steps=draft_steps,
+            batch_size=16,
+            lr=3e-3,
+            save_every=10**9,
+            resume=False,
+            progress=False,
         )
     )
     return target_dir, draft_dir

@@ -22,10 +22,20 @@ if triton is not None:
 
     @triton.jit
     def _tile_argmax_kernel(
-        h_ptr, w_ptr, max_ptr, idx_ptr,
-        T, V, H, num_tiles,
-        stride_h, stride_w,
-        UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        max_ptr,
+        idx_ptr,
+        T,
+        V,
+        H,
+        num_tiles,
+        stride_h,
+        stride_w,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         tile = tl.program_id(1)
@@ -36,7 +46,11 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < H
             h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + vocab[None, :].to(tl.int64) * stride_w + ks[:, None], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + vocab[None, :].to(tl.int64) * stride_w + ks[:, None],
+                mask=k_ok[:, None] & v_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 h, w = h.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(h, w, out_dtype=tl.float32)
@@ -56,8 +70,20 @@ def greedy_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Ten
     idx = torch.empty(T, num_tiles, device=hidden.device, dtype=torch.int64)
     grid = (triton.cdiv(T, BLOCK_T), num_tiles)
     _tile_argmax_kernel[grid](
-        hidden, lm_head, maxes, idx, T, V, H, num_tiles, hidden.stride(0), lm_head.stride(0),
-        UPCAST=INTERPRET, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        hidden,
+        lm_head,
+        maxes,
+        idx,
+        T,
+        V,
+        H,
+        num_tiles,
+        hidden.stride(0),
+        lm_head.stride(0),
+        UPCAST=INTERPRET,
+        BLOCK_T=BLOCK_T,
+        BLOCK_V=BLOCK_V,
+        BLOCK_K=BLOCK_K,
     )
     best_tile = maxes.argmax(dim=1, keepdim=True)  # first maximal tile: the lowest indices win ties
     return idx.gather(1, best_tile)[:, 0]

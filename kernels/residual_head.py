@@ -22,10 +22,24 @@ if triton is not None:
 
     @triton.jit
     def _residual_head_kernel(
-        hh_ptr, an_ptr, w_ptr, b_ptr, step_ptr, out_ptr,
-        T, H,
-        stride_hh, stride_an, stride_wk, stride_wn, stride_bk, stride_out,
-        UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        hh_ptr,
+        an_ptr,
+        w_ptr,
+        b_ptr,
+        step_ptr,
+        out_ptr,
+        T,
+        H,
+        stride_hh,
+        stride_an,
+        stride_wk,
+        stride_wn,
+        stride_bk,
+        stride_out,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,16 +66,33 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def residual_head_triton(h_hat, anchor, weight, bias, step: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def residual_head_triton(
+    h_hat, anchor, weight, bias, step: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     h_hat, anchor, weight, bias = (t.contiguous() for t in (h_hat, anchor, weight, bias))
     T, H = h_hat.shape
     out = torch.empty_like(h_hat) if out is None else out
     BLOCK_T, BLOCK_N, BLOCK_K = 16, 64, 32
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_N))
     _residual_head_kernel[grid](
-        h_hat, anchor, weight, bias, step.reshape(1), out, T, H,
-        h_hat.stride(0), anchor.stride(0), weight.stride(0), weight.stride(1), bias.stride(0), out.stride(0),
-        UPCAST=INTERPRET, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        h_hat,
+        anchor,
+        weight,
+        bias,
+        step.reshape(1),
+        out,
+        T,
+        H,
+        h_hat.stride(0),
+        anchor.stride(0),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0),
+        out.stride(0),
+        UPCAST=INTERPRET,
+        BLOCK_T=BLOCK_T,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
     return out
 

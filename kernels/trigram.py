@@ -30,11 +30,22 @@ if triton is not None:
 
     @triton.jit
     def _gather_linear_kernel(
-        ids_ptr, emb_ptr, w_ptr, b_ptr, out_ptr,
-        T, H, N,
-        stride_emb, stride_w, stride_out,
-        RESBLOCK: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ids_ptr,
+        emb_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        T,
+        H,
+        N,
+        stride_emb,
+        stride_w,
+        stride_out,
+        RESBLOCK: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """out[t, n] = sum_j sum_h E[ids[t, j], h] * W[n, j*H + h]  (+ ResBlock epilogue)."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -46,16 +57,28 @@ if triton is not None:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
-                a = tl.load(emb_ptr + tok[:, None] * stride_emb + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + cols[None, :] * stride_w + (j * H + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                a = tl.load(
+                    emb_ptr + tok[:, None] * stride_emb + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                w = tl.load(
+                    w_ptr + cols[None, :] * stride_w + (j * H + ks)[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     a, w = a.to(tl.float32), w.to(tl.float32)
                 acc += tl.dot(a, w, out_dtype=tl.float32)
         if RESBLOCK:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             # residual: x[t, n] = E[ids[t, n // H], n % H], gathered again (never stored)
-            tok = tl.load(ids_ptr + rows[:, None] * 3 + (cols // H)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            x = tl.load(emb_ptr + tok.to(tl.int64) * stride_emb + (cols % H)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            tok = tl.load(
+                ids_ptr + rows[:, None] * 3 + (cols // H)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0
+            )
+            x = tl.load(
+                emb_ptr + tok.to(tl.int64) * stride_emb + (cols % H)[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             acc = x.to(tl.float32) + acc * tl.sigmoid(acc)
         mask = row_ok[:, None] & col_ok[None, :]
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -67,9 +90,22 @@ def _gather_linear(ids, embed, w, b, resblock: bool, out: torch.Tensor | None = 
     BLOCK_T, BLOCK_N, BLOCK_K = 16, 64, 32
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
     _gather_linear_kernel[grid](
-        ids, embed, w, b if b is not None else w, out, T, H, N,
-        embed.stride(0), w.stride(0), out.stride(0),
-        RESBLOCK=resblock, UPCAST=INTERPRET, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        ids,
+        embed,
+        w,
+        b if b is not None else w,
+        out,
+        T,
+        H,
+        N,
+        embed.stride(0),
+        w.stride(0),
+        out.stride(0),
+        RESBLOCK=resblock,
+        UPCAST=INTERPRET,
+        BLOCK_T=BLOCK_T,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
     return out
 

@@ -51,8 +51,12 @@ def hf_greedy(target, prompts: list[list[int]], max_new_tokens: int, eos: int) -
     for p in prompts:
         ids = torch.tensor([p])
         out = target.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
         )
-        outs.append(out[0, len(p):].tolist())
+        outs.append(out[0, len(p) :].tolist())
     return outs

@@ -20,8 +20,15 @@ from chimera_vllm.tiny import tiny_target_config
 def draft_outputs(draft, parts, hidden, last3, n, K=3):
     ctx_k, ctx_v = draft.encoder.context_kv(hidden[:, : n + 1], torch.arange(n + 1)[None])
     return draft.propose(
-        parts, ctx_k, ctx_v, torch.ones(1, n + 1, dtype=torch.bool), last3, torch.tensor([n + 1]),
-        hidden[:, n], K, lambda k, logits: logits.argmax(-1),
+        parts,
+        ctx_k,
+        ctx_v,
+        torch.ones(1, n + 1, dtype=torch.bool),
+        last3,
+        torch.tensor([n + 1]),
+        hidden[:, n],
+        K,
+        lambda k, logits: logits.argmax(-1),
     )
 
 
@@ -31,9 +38,17 @@ def test_config_is_speculators_style_and_round_trips(llama_target, llama_dir, tm
     d = json.loads((tmp_path / "config.json").read_text())
     assert d["speculators_model_type"] == "chimera"
     assert d["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
-    assert d["speculators_config"]["verifier"] == {"name_or_path": str(llama_dir), "architectures": ["LlamaForCausalLM"]}
+    assert d["speculators_config"]["verifier"] == {
+        "name_or_path": str(llama_dir),
+        "architectures": ["LlamaForCausalLM"],
+    }
     layer = d["transformer_layer_config"]
-    assert (layer["num_hidden_layers"], layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"]) == (1, 2, 1, 32)
+    assert (
+        layer["num_hidden_layers"],
+        layer["num_attention_heads"],
+        layer["num_key_value_heads"],
+        layer["head_dim"],
+    ) == (1, 2, 1, 32)
     assert d["target"]["vocab_size"] == llama_target.config.vocab_size
     assert ChimeraConfig.load(tmp_path) == draft.config
 
@@ -73,7 +88,9 @@ def test_draft_for_another_target_is_refused(llama_target, llama_dir, tmp_path, 
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(ChimeraConfigError, match=r"unsupported target architecture 'gpt2'.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(
+        ChimeraConfigError, match=r"unsupported target architecture 'gpt2'.*LlamaForCausalLM.*Qwen2ForCausalLM"
+    ):
         check_supported_target(GPT2Config())
 
 
@@ -98,7 +115,9 @@ def test_weights_that_do_not_fit_the_config_are_named(llama_target, llama_dir, t
     d = json.loads((tmp_path / "config.json").read_text())
     d["chimera"]["num_heads"] = 3
     (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ChimeraCheckpointError, match=r"heads.weight has shape \(2, 64, 128\), the config implies \(3, 64, 128\)"):
+    with pytest.raises(
+        ChimeraCheckpointError, match=r"heads.weight has shape \(2, 64, 128\), the config implies \(3, 64, 128\)"
+    ):
         ChimeraDraft.from_pretrained(tmp_path)
 
 
@@ -193,7 +212,11 @@ def test_convert_official_refuses_wrong_shapes_and_missing_files(llama_target, l
     with pytest.raises(FileNotFoundError, match="chimera_head.pt"):
         convert_official(llama_target, str(llama_dir), tmp_path)
     torch.save(mods[2].state_dict(), tmp_path / "chimera_head.pt")
-    with pytest.raises(ChimeraCheckpointError, match=r"trigram.mlp.0.linear.weight has shape \(288, 288\), but target .* \(hidden 64, vocab 105\) needs \(192, 192\)"):
+    with pytest.raises(
+        ChimeraCheckpointError,
+        match=r"trigram.mlp.0.linear.weight has shape \(288, 288\), "
+        r"but target .* \(hidden 64, vocab 105\) needs \(192, 192\)",
+    ):
         convert_official(llama_target, str(llama_dir), tmp_path)
     (tmp_path / "trimlp.pt").write_bytes(b"not a pickle")
     with pytest.raises(ChimeraCheckpointError, match="cannot read .*trimlp.pt"):

@@ -36,8 +36,15 @@ def test_generate_json_with_and_without_draft(capsys, llama_dir, prompt_file, tm
     assert [o["token_ids"] for o in spec["outputs"]] == [o["token_ids"] for o in plain["outputs"]]
     assert all(isinstance(o["text"], str) for o in spec["outputs"])
     stats = spec["stats"]
-    assert set(stats) == {"target_steps", "draft_tokens", "accepted_tokens", "mean_accepted_length",
-                          "acceptance_by_position", "wall_s", "output_tokens_per_s"}
+    assert set(stats) == {
+        "target_steps",
+        "draft_tokens",
+        "accepted_tokens",
+        "mean_accepted_length",
+        "acceptance_by_position",
+        "wall_s",
+        "output_tokens_per_s",
+    }
     assert len(stats["acceptance_by_position"]) == 2
     assert stats["draft_tokens"] == 2 * stats["target_steps"]
     assert stats["mean_accepted_length"] == 1 + stats["accepted_tokens"] / stats["target_steps"]
@@ -80,9 +87,19 @@ def test_console_script_reports_errors_without_a_traceback(llama_dir, tmp_path):
     exe = Path(sys.executable).parent / "chimera-vllm"
     assert exe.is_file(), "the chimera-vllm console script is installed by setup.py"
     result = subprocess.run(
-        [str(exe), "generate", "--target", str(llama_dir), "--draft", str(tmp_path / "missing"),
-         "--prompts", str(tmp_path / "missing.txt")],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(exe),
+            "generate",
+            "--target",
+            str(llama_dir),
+            "--draft",
+            str(tmp_path / "missing"),
+            "--prompts",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "chimera-vllm: error: no prompts file at" in result.stderr

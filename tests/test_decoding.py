@@ -9,7 +9,6 @@ from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.target import load_target
-
 from chimera_vllm.tiny import grammar_prompts
 
 from .conftest import hf_greedy

@@ -47,8 +47,22 @@ def test_eval_cli_json(capsys, trained_pair, tmp_path):
     trained.save_pretrained(tmp_path / "draft")
     prompts = tmp_path / "p.txt"
     prompts.write_text("the red cat sees\nthe old baker\n")
-    code = main(["eval", "--target", str(target_dir), "--draft", str(tmp_path / "draft"), "--prompts", str(prompts),
-                 "--num-speculative-tokens", "3", "--max-new-tokens", "24", "--json"])
+    code = main(
+        [
+            "eval",
+            "--target",
+            str(target_dir),
+            "--draft",
+            str(tmp_path / "draft"),
+            "--prompts",
+            str(prompts),
+            "--num-speculative-tokens",
+            "3",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_prompts"] == 2 and len(result["head_top1"]) == 3 and result["outputs_identical"]

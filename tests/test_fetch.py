@@ -31,7 +31,9 @@ def test_gguf_converts_to_a_plain_checkpoint(smollm2_gguf, tmp_path):
     for name, value in original.state_dict().items():
         assert torch.equal(converted.state_dict()[name], value.to(torch.bfloat16)), name
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 

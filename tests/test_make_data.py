@@ -15,20 +15,35 @@ from chimera_vllm.training.data import read_sequences
 from .conftest import hf_greedy
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-TRAINING_SETS = ["gsm8k_train.jsonl", "self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented.jsonl", "humaneval.jsonl.gz"]
+TRAINING_SETS = [
+    "gsm8k_train.jsonl",
+    "self_instruct_seed_tasks.jsonl",
+    "self_instruct_user_oriented.jsonl",
+    "humaneval.jsonl.gz",
+]
 
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("md") / "prompts.jsonl"
-    lines = [{"question": f"what is {i} plus {i}?"} for i in range(7)] + [{"instruction": "Say hi.", "instances": [{"input": "to Bob"}]}]
+    lines = [{"question": f"what is {i} plus {i}?"} for i in range(7)] + [
+        {"instruction": "Say hi.", "instances": [{"input": "to Bob"}]}
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
 
 def _args(llama_dir, prompt_file, out, **kw):
-    return MakeDataArgs(target=str(llama_dir), prompts=[str(prompt_file)], out=str(out), max_new_tokens=12,
-                        batch_size=3, dtype="float32", progress=False, **kw)
+    return MakeDataArgs(
+        target=str(llama_dir),
+        prompts=[str(prompt_file)],
+        out=str(out),
+        max_new_tokens=12,
+        batch_size=3,
+        dtype="float32",
+        progress=False,
+        **kw,
+    )
 
 
 def test_records_are_chat_prompts_and_the_targets_greedy_answers(llama_dir, prompt_file, tmp_path):
@@ -40,7 +55,7 @@ def test_records_are_chat_prompts_and_the_targets_greedy_answers(llama_dir, prom
     for r in records:
         prompt = r["input_ids"][: r["prompt_length"]]
         assert prompt == encode_chat(tokenizer, texts[r["source"]])
-        assert r["input_ids"][r["prompt_length"]:] == hf_greedy(target, [prompt], 12, tokenizer.eos_token_id)[0]
+        assert r["input_ids"][r["prompt_length"] :] == hf_greedy(target, [prompt], 12, tokenizer.eos_token_id)[0]
     assert any(texts[r["source"]] == "Say hi.\n\nto Bob" for r in records)
     assert len(read_sequences(out, vocab_size=len(tokenizer))) == 8  # the trainer reads it
 

@@ -15,11 +15,10 @@ from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.model import ChimeraDraft, TargetParts
 from chimera_vllm.target import final_hidden, load_target
+from chimera_vllm.tiny import grammar_prompts
 from chimera_vllm.training.data import DataFormatError, Sequence, read_sequences, write_sequences
 from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
 from chimera_vllm.training.trainer import TrainArgs, train
-
-from chimera_vllm.tiny import grammar_prompts
 
 
 def randomised_draft(target, target_dir, num_heads, trigram_mlp="resblock", head_type="residual", seed=0):
@@ -41,7 +40,9 @@ def test_step_mask_block_structure():
     assert not h[:3].any()  # p <= 2 has no verified context (no anchor) at step 2
 
 
-@pytest.mark.parametrize("trigram_mlp,head_type", [("resblock", "residual"), ("linear", "full"), ("resblock", "medusa")])
+@pytest.mark.parametrize(
+    "trigram_mlp,head_type", [("resblock", "residual"), ("linear", "full"), ("resblock", "medusa")]
+)
 def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigram_mlp, head_type):
     """Step k's training logits at every position equal the drafting loop's, fed the true tokens."""
     target = load_target(str(tiny_target_dir))
@@ -62,8 +63,15 @@ def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigra
             last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
             forced = lambda k, logits, b=b, n=n: ids[b : b + 1, n + 2 + k]  # noqa: E731
             _, logits = draft.propose(
-                parts, ctx_k, ctx_v, torch.ones(1, n + 1, dtype=torch.bool), last3,
-                torch.tensor([n + 1]), hidden[b : b + 1, n], K, forced,
+                parts,
+                ctx_k,
+                ctx_v,
+                torch.ones(1, n + 1, dtype=torch.bool),
+                last3,
+                torch.tensor([n + 1]),
+                hidden[b : b + 1, n],
+                K,
+                forced,
             )
             for k in range(K):
                 h_hat, anchor = train_out[k]
@@ -106,8 +114,17 @@ def small_data(llama_target, tmp_path_factory):
 
 
 def _args(llama_dir, data, out, **kw):
-    base = dict(target=str(llama_dir), data=str(data), out=str(out), num_heads=3, steps=6, batch_size=4,
-                save_every=3, log_every=1, progress=False)
+    base = dict(
+        target=str(llama_dir),
+        data=str(data),
+        out=str(out),
+        num_heads=3,
+        steps=6,
+        batch_size=4,
+        save_every=3,
+        log_every=1,
+        progress=False,
+    )
     base.update(kw)
     return TrainArgs(**base)
 
@@ -129,9 +146,30 @@ def test_resume_continues_exactly(llama_dir, small_data, tmp_path):
 def test_ddp_two_cpu_processes(llama_dir, small_data, tmp_path):
     """torchrun with 2 gloo processes trains and writes one draft that loads."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "chimera_vllm.cli", "train", "--target", str(llama_dir), "--data", str(small_data),
-           "--out", str(out), "--num-heads", "2", "--steps", "4", "--batch-size", "2", "--log-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "chimera_vllm.cli",
+        "train",
+        "--target",
+        str(llama_dir),
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--num-heads",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -163,8 +201,20 @@ def test_medusa_baseline_trains_and_decodes_losslessly(trained_pair, tmp_path):
     """The baseline: heads over h_a only (no trigram, no encoder), same trainer, same decoder."""
     target_dir, target, tokenizer, _, _ = trained_pair
     data = target_dir.parent / "data.jsonl"
-    run = train(TrainArgs(target=str(target_dir), data=str(data), out=str(tmp_path / "medusa"), head_type="medusa",
-                          steps=40, batch_size=16, lr=3e-3, save_every=1000, log_every=5, progress=False))
+    run = train(
+        TrainArgs(
+            target=str(target_dir),
+            data=str(data),
+            out=str(tmp_path / "medusa"),
+            head_type="medusa",
+            steps=40,
+            batch_size=16,
+            lr=3e-3,
+            save_every=1000,
+            log_every=5,
+            progress=False,
+        )
+    )
     medusa = ChimeraDraft.from_pretrained(run, target.config)
     assert medusa.trigram is None and medusa.encoder is None
     assert set(medusa.state_dict()) == {"heads.weight", "heads.bias"}

@@ -84,7 +84,9 @@ def collate(batch: list[Sequence], pad_id: int = 0) -> tuple[Tensor, Tensor, Ten
     return ids, attn, label
 
 
-def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+def batch_indices(
+    num_sequences: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1
+) -> list[int]:
     """The sequence indices of one rank's share of global batch `step`.
 
     Epoch e visits the sequences in a permutation fixed by (seed, e), so a run

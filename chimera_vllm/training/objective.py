@@ -79,9 +79,7 @@ class LossWeights:
 class ChimeraObjective(nn.Module):
     """Wraps the draft so that one forward() computes the loss (what DDP needs to wrap)."""
 
-    def __init__(
-        self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights, max_positions: int | None = None
-    ):
+    def __init__(self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights, max_positions: int | None = None):
         super().__init__()
         self.draft = draft
         self.parts = parts
