@@ -60,3 +60,15 @@ def hf_greedy(target, prompts: list[list[int]], max_new_tokens: int, eos: int) -
         )
         outs.append(out[0, len(p) :].tolist())
     return outs
+
+
+def draft_after(draft, parts, ids, hidden, n: int, num_steps: int, choose):
+    """The drafting loop as it starts once the target verified x_0..x_n of ids [1, T] and produced
+    x_{n+1}: context h_0..h_n from hidden [1, T, H], anchor h_n. Returns (tokens, logits)."""
+    ctx_k = ctx_v = None
+    if draft.uses_context:
+        ctx_k, ctx_v = draft.encoder.context_kv(hidden[:, : n + 1], torch.arange(n + 1)[None])
+    t = ids[0].tolist()
+    last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
+    valid = torch.ones(1, n + 1, dtype=torch.bool)
+    return draft.propose(parts, ctx_k, ctx_v, valid, last3, torch.tensor([n + 1]), hidden[:, n], num_steps, choose)

@@ -16,20 +16,11 @@ from chimera_vllm.model import ChimeraCheckpointError, ChimeraDraft, TargetParts
 from chimera_vllm.target import final_hidden
 from chimera_vllm.tiny import tiny_target_config
 
+from .conftest import draft_after
 
-def draft_outputs(draft, parts, hidden, last3, n, K=3):
-    ctx_k, ctx_v = draft.encoder.context_kv(hidden[:, : n + 1], torch.arange(n + 1)[None])
-    return draft.propose(
-        parts,
-        ctx_k,
-        ctx_v,
-        torch.ones(1, n + 1, dtype=torch.bool),
-        last3,
-        torch.tensor([n + 1]),
-        hidden[:, n],
-        K,
-        lambda k, logits: logits.argmax(-1),
-    )
+
+def greedy_logits(draft, parts, ids, hidden, n, K=3):
+    return draft_after(draft, parts, ids, hidden, n, K, lambda k, logits: logits.argmax(-1))[1]
 
 
 def test_config_is_speculators_style_and_round_trips(llama_target, llama_dir, tmp_path):
@@ -63,9 +54,7 @@ def test_save_load_gives_identical_drafts_without_target_weights(llama_target, l
     parts = TargetParts.from_model(llama_target)
     ids = torch.randint(5, 100, (1, 10))
     hidden = final_hidden(llama_target, ids)
-    last3 = ids[:, 5:8]
-    a, b = draft_outputs(draft, parts, hidden, last3, 6), draft_outputs(loaded, parts, hidden, last3, 6)
-    assert torch.equal(a[1], b[1])
+    assert torch.equal(greedy_logits(draft, parts, ids, hidden, 6), greedy_logits(loaded, parts, ids, hidden, 6))
     V, H = llama_target.config.vocab_size, llama_target.config.hidden_size
     assert not any(t.shape == (V, H) for t in loaded.state_dict().values()), "draft must not store E or the LM head"
 
@@ -197,9 +186,7 @@ def test_convert_official_matches_the_official_forward(llama_target, llama_dir, 
     hidden = final_hidden(llama_target, ids)
     with torch.no_grad():
         for n in [0, 1, 4, 9]:
-            t = ids[0].tolist()
-            last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
-            _, ours = draft_outputs(draft, parts, hidden, last3, n, K)
+            ours = greedy_logits(draft, parts, ids, hidden, n, K)
             theirs = official_draft_logits(mods, parts.embed_weight, ids, hidden, n, K)
             torch.testing.assert_close(ours[0], theirs, rtol=1e-4, atol=1e-4)
 

@@ -20,6 +20,8 @@ from chimera_vllm.training.data import DataFormatError, Sequence, read_sequences
 from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
 from chimera_vllm.training.trainer import TrainArgs, train
 
+from .conftest import draft_after
+
 
 def randomised_draft(target, target_dir, num_heads, trigram_mlp="resblock", head_type="residual", seed=0):
     """A draft whose every weight matters (fresh drafts have zero-initialised residual branches)."""
@@ -56,23 +58,8 @@ def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigra
     worst = 0.0
     for b in range(ids.shape[0]):  # the drafting loop is no_grad; so is this comparison
         for n in [0, 1, 2, 5, 9, 16 - K - 2]:  # drafting starts after the target verified x_0..x_{n+1}
-            ctx_k = ctx_v = None
-            if draft.uses_context:
-                ctx_k, ctx_v = draft.encoder.context_kv(hidden[b : b + 1, : n + 1], torch.arange(n + 1)[None])
-            t = ids[b].tolist()
-            last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
             forced = lambda k, logits, b=b, n=n: ids[b : b + 1, n + 2 + k]  # noqa: E731
-            _, logits = draft.propose(
-                parts,
-                ctx_k,
-                ctx_v,
-                torch.ones(1, n + 1, dtype=torch.bool),
-                last3,
-                torch.tensor([n + 1]),
-                hidden[b : b + 1, n],
-                K,
-                forced,
-            )
+            _, logits = draft_after(draft, parts, ids[b : b + 1], hidden[b : b + 1], n, K, forced)
             for k in range(K):
                 h_hat, anchor = train_out[k]
                 p = n + 1 + k
@@ -239,3 +226,19 @@ def test_position_subsampling_is_a_seeded_subset(llama_target, llama_dir):
     few = torch.zeros_like(sel)
     few[0, 4] = True
     assert torch.equal(objective._subsample(few), few)
+
+
+def test_kl_term_is_zero_only_for_a_draft_that_matches_the_target(llama_target, llama_dir):
+    """KL(target || draft) at query p compares the draft's step-k distribution with the target's at p."""
+    draft = randomised_draft(llama_target, llama_dir, 2)
+    parts = TargetParts.from_model(llama_target)
+    ids = torch.randint(5, 100, (2, 12))
+    hidden = final_hidden(llama_target, ids)
+    labels = torch.ones(2, 12, dtype=torch.bool)
+    with_kl = ChimeraObjective(draft, parts, LossWeights.geometric(2, kl=0.5))
+    without = ChimeraObjective(draft, parts, LossWeights.geometric(2))
+    loss_kl, metrics = with_kl(ids, hidden, labels)
+    loss, _ = without(ids, hidden, labels)
+    assert metrics["kl_0"] > 0 and metrics["kl_1"] > 0
+    expected = loss.item() + 0.5 * (metrics["kl_0"] + 0.8 * metrics["kl_1"])
+    assert loss_kl.item() == pytest.approx(expected, rel=1e-5)
