@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -99,8 +106,7 @@ def synthetic_corpus(num_lines: int, seed: int = 0) -> list[str]:
 def train_tiny_target(model_dir: str | Path, steps: int = 300, batch_size: int = 32, seed: int = 0) -> None:
     """Teach a tiny target the synthetic grammar, in place, so its outputs have structure to learn."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    model_cls = LlamaForCausalLM if "llama" in open(Path(model_dir) / "config.json").read() else Qwen2ForCausalLM
-    model = model_cls.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     lines = synthetic_corpus(steps * batch_size // 4, seed)
     batch = tokenizer(lines, padding=True, return_tensors="pt")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
