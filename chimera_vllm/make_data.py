@@ -10,6 +10,7 @@ size), so a resumed run writes what an uninterrupted one would have.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def make_data(args: MakeDataArgs) -> Path:
     if args.engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be hf or vllm, got {args.engine!r}")
     prompts = [p for path in args.prompts for p in read_prompts(path)]
-    check_not_heldout(prompts, heldout_turns())
+    heldout = heldout_turns()
+    if not heldout:
+        warnings.warn(f"{HELDOUT_EVAL_SET} not found: training prompts are not checked against MT-bench", stacklevel=2)
+    check_not_heldout(prompts, heldout)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     if args.limit is not None:
         order = order[: args.limit]
