@@ -146,6 +146,13 @@ class SpeculativeDecoder:
         """Decode every prompt as one batch; returns the new token ids of each and the counters."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = self.target.config.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if len(p) + max_new_tokens + self.k > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens: with max_new_tokens={max_new_tokens} and {self.k} draft "
+                    f"tokens it passes the target's max_position_embeddings={limit}"
+                )
         reqs = _Requests(prompts, max_new_tokens, eos_token_ids or set())
         stats = DecodeStats(self.k, accepted_by_position=[0] * self.k)
         start = time.perf_counter()

@@ -100,3 +100,9 @@ def test_more_speculative_tokens_than_heads_is_an_error(llama_target, llama_dir)
     draft = init_draft(llama_target, str(llama_dir), num_heads=3)
     with pytest.raises(ChimeraConfigError, match="num_speculative_tokens=4 .* 3 heads"):
         SpeculativeDecoder(llama_target, draft, 4)
+
+
+def test_request_longer_than_the_target_allows_is_an_error(llama_target):
+    limit = llama_target.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"prompt 1 has 500 tokens: .* max_position_embeddings={limit}"):
+        SpeculativeDecoder(llama_target).generate([[5, 6], [7] * 500], 20)
