@@ -22,8 +22,8 @@ def _eos_ids(target, tokenizer) -> set[int]:
     return ids
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from .decoding import SpeculativeDecoder
+def _load_inputs(args: argparse.Namespace):
+    """Tokenizer, encoded prompts, target and (when --draft is given) the draft checked against it."""
     from .model import ChimeraDraft
     from .prompts import encode_prompts
     from .target import load_target, load_tokenizer
@@ -34,6 +34,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     draft = None
     if args.draft:
         draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
+    return tokenizer, prompts, target, draft
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .decoding import SpeculativeDecoder
+
+    tokenizer, prompts, target, draft = _load_inputs(args)
     decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
     outputs, stats = decoder.generate(prompts, args.max_new_tokens, _eos_ids(target, tokenizer), progress=not args.json)
     records = [
@@ -54,14 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
-    from .model import ChimeraDraft
-    from .prompts import encode_prompts
-    from .target import load_target, load_tokenizer
 
-    tokenizer = load_tokenizer(args.target)
-    prompts = encode_prompts(args.prompts, tokenizer)
-    target = load_target(args.target, args.dtype, args.device)
-    draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
+    tokenizer, prompts, target, draft = _load_inputs(args)  # --draft is required for eval
     k = args.num_speculative_tokens or draft.num_heads
     result = evaluate(
         target,

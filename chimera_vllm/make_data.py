@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .decoding import SpeculativeDecoder
 from .prompts import Prompt, encode, read_prompts
+from .target import load_target, load_tokenizer
 
 HELDOUT_EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "mt_bench_questions.jsonl"
 
@@ -75,15 +77,11 @@ def _complete_batches(path: Path, batch_size: int) -> int:
 
 class HFEngine:
     def __init__(self, args: MakeDataArgs):
-        from .decoding import SpeculativeDecoder
-        from .target import load_target
-
         self.target = load_target(args.target, args.dtype)
         self.args = args
-        self.decoder_cls = SpeculativeDecoder
 
     def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
-        decoder = self.decoder_cls(self.target, temperature=self.args.temperature, seed=self.args.seed + first_index)
+        decoder = SpeculativeDecoder(self.target, temperature=self.args.temperature, seed=self.args.seed + first_index)
         outputs, _ = decoder.generate(prompts, self.args.max_new_tokens, eos)
         return outputs
 
@@ -113,8 +111,6 @@ class VLLMEngine:
 
 
 def make_data(args: MakeDataArgs) -> Path:
-    from .target import load_tokenizer
-
     if args.engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be hf or vllm, got {args.engine!r}")
     prompts = [p for path in args.prompts for p in read_prompts(path)]
