@@ -1,17 +1,33 @@
 """vLLM plugin entry point (``vllm.general_plugins`` group, declared in setup.py).
 
-vLLM calls :func:`register` in every process it starts. The Chimera draft
-architecture is registered here by the vLLM integration; until that lands the
-plugin only checks that the installed vLLM is a version the project supports.
+vLLM calls :func:`register` in every process it starts. It makes a Chimera draft a
+first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
+
+1. the model class: architecture ``ChimeraDraftModel`` -> :class:`ChimeraDraftForVLLM`;
+2. the speculators type ``chimera``, so that vLLM reads a Chimera draft's
+   config.json and ``vllm serve DRAFT_DIR`` serves its verifier with it;
+3. the speculative method: vLLM's method list is fixed, so a speculative config
+   whose model is a Chimera draft (method unset, ``"chimera"`` or ``"eagle"``) is
+   run by vLLM's EAGLE machinery (paged KV cache, target hidden states);
+4. the proposer: :class:`ChimeraProposer` takes the place of vLLM's EagleProposer
+   in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
+   off when a Chimera draft is loaded, with a log line saying so.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
+_PATCHED = "_chimera_vllm_patched"
 
 
 def register() -> None:
@@ -23,3 +39,126 @@ def register() -> None:
             " and ".join(SUPPORTED_VLLM),
             vllm.__version__,
         )
+        return
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(DRAFT_ARCHITECTURE, "chimera_vllm.vllm_model:ChimeraDraftForVLLM")
+    _register_speculators_type()
+    _route_chimera_drafts_to_eagle()
+    _install_proposer()
+    _keep_v1_model_runner()
+
+
+def read_config_dict(model: str | None) -> dict[str, Any] | None:
+    """config.json of a local directory or of a model in the Hugging Face cache (never downloads)."""
+    if not model:
+        return None
+    path = Path(model) / CONFIG_NAME
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model, CONFIG_NAME)
+        except ValueError:  # not a repository id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_chimera_draft(model: str | None) -> bool:
+    d = read_config_dict(model)
+    return d is not None and d.get("speculators_model_type") == SPECULATORS_MODEL_TYPE
+
+
+def speculative_method(method: str | None, model: str | None) -> str | None:
+    """The vLLM method for a speculative config: EAGLE's machinery for a Chimera draft."""
+    if not is_chimera_draft(model):
+        if method == SPECULATORS_MODEL_TYPE:
+            raise ChimeraConfigError(
+                f"speculative method 'chimera' needs a Chimera draft as its model; {model!r} is not one "
+                "(no config.json with speculators_model_type 'chimera' there)"
+            )
+        return method
+    if method not in (None, SPECULATORS_MODEL_TYPE, "eagle"):
+        raise ChimeraConfigError(
+            f"{model} is a Chimera draft: leave the speculative method unset (or 'chimera'), got method={method!r}"
+        )
+    return "eagle"
+
+
+def _update_chimera(config_dict: dict, pre_trained_config: dict) -> None:
+    """Speculators hook: the draft's vLLM hf_config carries its architecture and whole config."""
+    from .vllm_model import CHIMERA_CONFIG_KEY
+
+    ChimeraConfig.from_dict(config_dict)  # a malformed config fails here, naming the field
+    pre_trained_config["architectures"] = [DRAFT_ARCHITECTURE]
+    pre_trained_config[CHIMERA_CONFIG_KEY] = config_dict
+
+
+def _register_speculators_type() -> None:
+    from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES, register_speculator
+
+    if SPECULATORS_MODEL_TYPE not in SUPPORTED_SPECULATORS_TYPES:
+        register_speculator(SPECULATORS_MODEL_TYPE)(_update_chimera)
+
+
+def _patch_once(owner: Any, name: str, make) -> None:
+    original = getattr(owner, name)
+    if getattr(original, _PATCHED, False):
+        return
+    patched = make(original)
+    setattr(patched, _PATCHED, True)
+    setattr(owner, name, patched)
+
+
+def _route_chimera_drafts_to_eagle() -> None:
+    """Every speculative config (CLI, LLM(), speculators) becomes a SpeculativeConfig here."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original):
+        @functools.wraps(original)
+        def create_speculative_config(self, *args, **kwargs):
+            spec = self.speculative_config if isinstance(self.speculative_config, dict) else {}
+            model = spec.get("model", self.spec_model)
+            if spec and ("method" in spec or self.spec_method is None):
+                self.speculative_config = {**spec, "method": speculative_method(spec.get("method"), model)}
+            else:
+                self.spec_method = speculative_method(self.spec_method, model)
+            return original(self, *args, **kwargs)
+
+        return create_speculative_config
+
+    _patch_once(EngineArgs, "create_speculative_config", make)
+
+
+def _install_proposer() -> None:
+    from vllm.v1.worker import gpu_model_runner
+
+    from .vllm_proposer import ChimeraProposer
+
+    if gpu_model_runner.EagleProposer is not ChimeraProposer:
+        gpu_model_runner.EagleProposer = ChimeraProposer
+
+
+def _keep_v1_model_runner() -> None:
+    """Model Runner V2 has its own speculators and no place for Chimera's: use V1 with a Chimera draft."""
+    from vllm.config import VllmConfig
+
+    from .vllm_proposer import is_chimera_vllm_config
+
+    def make(original):
+        @functools.wraps(original)
+        def unsupported(self):
+            features = original(self)
+            if is_chimera_vllm_config(self):
+                features.append("Chimera drafts")
+            return features
+
+        return unsupported
+
+    _patch_once(VllmConfig, "_get_v2_model_runner_unsupported_features", make)

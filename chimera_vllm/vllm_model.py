@@ -1,0 +1,228 @@
+"""The Chimera draft as a vLLM model: vLLM's parallel layers and paged attention.
+
+The proposer (:mod:`chimera_vllm.vllm_proposer`) runs it in two ways:
+
+* :meth:`ChimeraDraftForVLLM.write_context` turns the target's hidden states h_j at
+  verified positions into the encoder's keys/values and writes them into the
+  draft's paged KV cache at the positions' slots (no attention is computed).
+* ``forward`` is one drafting step for every request: the trigram encoding e_p of
+  (x_{p-2}, x_{p-1}, x_p) at position p attends to the cache (its own key/value is
+  written at slot p first, as the attention layer always does), the encoder's
+  output ĥ_p then replaces e_p's key/value at slot p (the context the next step
+  sees), and the residual head of step k turns ĥ_p and the anchor h_a into the
+  features the target's LM head reads.
+
+The two tokens before x_p and the step index k live in persistent buffers that the
+proposer fills before each call, so a captured graph reads them as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
+from vllm.utils.torch_utils import _encode_layer_name
+
+from .config import ChimeraConfig, ChimeraConfigError
+from .kernels.greedy_head import greedy_draft_head
+from .model import ResidualHeads, TrigramEncoder
+
+# Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
+_STACKED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+CHIMERA_CONFIG_KEY = "chimera_draft_config"
+"""Attribute of the draft's vLLM hf_config holding the draft's whole config.json."""
+
+
+def chimera_config_of(hf_config) -> ChimeraConfig | None:
+    """The Chimera config carried by a draft's vLLM hf_config, or None for other drafts."""
+    d = getattr(hf_config, CHIMERA_CONFIG_KEY, None)
+    return None if d is None else ChimeraConfig.from_dict(d)
+
+
+class ChimeraEncoderLayer(nn.Module):
+    """The full-context encoder: one Llama decoder layer on vLLM's layers (shards under TP)."""
+
+    def __init__(self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        layer = config.layer_config()
+        H = config.hidden_size
+        self.input_layernorm = RMSNorm(H, eps=layer.rms_norm_eps)
+        self.self_attn = LlamaAttention(
+            config=layer,
+            hidden_size=H,
+            num_heads=layer.num_attention_heads,
+            num_kv_heads=layer.num_key_value_heads,
+            max_position_embeddings=layer.max_position_embeddings,
+            cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        self.post_attention_layernorm = RMSNorm(H, eps=layer.rms_norm_eps)
+        self.mlp = LlamaMLP(H, layer.intermediate_size, "silu", prefix=f"{prefix}.mlp")
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(self.input_layernorm(x))
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def write_kv(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write the keys/values of x [T, H] into the paged cache at the forward context's slots."""
+        _, k, v = self._qkv(x, positions)
+        attn = self.self_attn.attn
+        k = k.view(-1, attn.num_kv_heads, attn.head_size)
+        v = v.view(-1, attn.num_kv_heads, attn.head_size_v)
+        if attn.use_direct_call:
+            unified_kv_cache_update(k, v, attn.layer_name)
+        else:
+            torch.ops.vllm.unified_kv_cache_update(k, v, _encode_layer_name(attn.layer_name))
+
+    def forward(self, e: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """e [T, H] at positions [T] -> ĥ [T, H]; leaves ĥ's key/value at the query's slot."""
+        q, k, v = self._qkv(e, positions)
+        out, _ = self.self_attn.o_proj(self.self_attn.attn(q, k, v))
+        h = e + out
+        h_hat = h + self.mlp(self.post_attention_layernorm(h))
+        self.write_kv(h_hat, positions)
+        return h_hat
+
+
+class _ChimeraModules(nn.Module):
+    """The draft's own weights (named as in the checkpoint), plus the shared target embedding."""
+
+    def __init__(self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.trigram = TrigramEncoder(config.hidden_size, config.trigram_mlp)
+        self.encoder = ChimeraEncoderLayer(config, vllm_config, prefix)
+        self.heads = ResidualHeads(config.num_heads, config.hidden_size)
+        self.embed_tokens: nn.Module | None = None  # the target's, set by vLLM's proposer
+
+
+class ChimeraDraftForVLLM(nn.Module):
+    """vLLM model class of a Chimera draft (architecture ``ChimeraDraftModel``)."""
+
+    # No ``has_own_embed_tokens``/``has_own_lm_head`` attributes: vLLM's proposer then always
+    # shares the target's embedding and LM head with the draft (it logs this as an "MTP model").
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        spec = vllm_config.speculative_config
+        assert spec is not None
+        config = chimera_config_of(spec.draft_model_config.hf_config)
+        if config is None:
+            raise ChimeraConfigError("ChimeraDraftModel needs a Chimera draft config (speculators_model_type 'chimera')")
+        check_draft_for_vllm(config, vllm_config)
+        self.config = config
+        self.tp_size = get_tensor_model_parallel_world_size()
+        target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        # Named like EAGLE's layer (model.layers.<first index after the target's>) so that vLLM
+        # gives its attention a KV cache of its own.
+        self.model = _ChimeraModules(config, vllm_config, f"model.layers.{target_layers}")
+        self.lm_head: nn.Module | None = None  # the target's, set by vLLM's proposer
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("trigram_context", torch.zeros(max_tokens, 2, dtype=torch.long), persistent=False)
+        self.register_buffer("draft_step", torch.zeros((), dtype=torch.long), persistent=False)
+
+    # --- what the proposer calls ------------------------------------------------
+
+    def write_context(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keys/values of the target's hidden states at verified positions into the cache."""
+        self.model.encoder.write_kv(hidden_states, positions)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One drafting step: x_p [T], positions p [T], anchors h_a [T, H] -> head features [T, H].
+
+        (x_{p-2}, x_{p-1}) come from ``trigram_context`` and the step from ``draft_step``.
+        """
+        if inputs_embeds is not None:
+            raise NotImplementedError("Chimera drafts take token ids, not input embeddings")
+        T = input_ids.shape[0]
+        ids = torch.cat([self.trigram_context[:T], input_ids.long()[:, None]], dim=1)
+        e = self._trigram(ids)
+        h_hat = self.model.encoder(e, positions)
+        features, _ = self.model.heads(self.draft_step, h_hat, hidden_states, None)
+        return features
+
+    def _trigram(self, ids: torch.Tensor) -> torch.Tensor:
+        embed = self.model.embed_tokens
+        if self.tp_size == 1:  # the whole table is here: the fused gather-GEMM
+            return self.model.trigram(ids, embed.weight)
+        # Under TP the table is split by vocabulary: the embedding layer gathers the rows.
+        rows = embed(ids.reshape(-1)).view(ids.shape[0], -1)
+        return self.model.trigram.mlp(rows)
+
+    def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, features)
+
+    def greedy_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Arg-max draft tokens; the fused LM-head arg-max when the whole head is on this rank."""
+        if self.tp_size == 1:
+            return greedy_draft_head(features, self.lm_head.weight[: self.config.vocab_size])
+        return self.compute_logits(features).argmax(dim=-1)
+
+    # --- weights ------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name, shard = _vllm_name(f"model.{name}")
+            if name not in params:
+                raise ChimeraConfigError(f"unexpected weight {name!r} in the Chimera draft checkpoint")
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(name)
+        return loaded
+
+
+def _vllm_name(name: str) -> tuple[str, str | int | None]:
+    for ckpt, (fused, shard) in _STACKED.items():
+        if f".{ckpt}." in name:
+            return name.replace(ckpt, fused), shard
+    return name, None
+
+
+def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:
+    """Refuse a draft that cannot serve this target with these settings, naming the values."""
+    config.check_target(vllm_config.model_config.hf_config)
+    if config.head_type != "residual":
+        raise ChimeraConfigError(
+            f"vLLM serves Chimera drafts with residual heads; this draft has head_type={config.head_type!r} "
+            "(a Medusa-baseline draft runs with the reference engine, `chimera-vllm generate --engine hf`)"
+        )
+    k = vllm_config.speculative_config.num_speculative_tokens
+    if k > config.num_heads:
+        raise ChimeraConfigError(
+            f"num_speculative_tokens={k} is not supported by this draft: "
+            f"it has {config.num_heads} heads (use 1..{config.num_heads})"
+        )
+    if vllm_config.use_v2_model_runner:
+        raise ChimeraConfigError(
+            "Chimera drafts run on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 forces V2: unset it"
+        )
