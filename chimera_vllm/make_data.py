@@ -88,11 +88,10 @@ class HFEngine:
 
 class VLLMEngine:
     def __init__(self, args: MakeDataArgs):
-        from vllm import LLM
+        from .vllm_engine import make_llm
 
         self.args = args
-        defaults = {"enforce_eager": True, "gpu_memory_utilization": 0.5}  # on CPU: share of RAM for the KV cache
-        self.llm = LLM(model=args.target, dtype=args.dtype, seed=args.seed, **{**defaults, **args.vllm_args})
+        self.llm = make_llm(args.target, dtype=args.dtype, seed=args.seed, **args.vllm_args)
 
     def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
         from vllm import SamplingParams

@@ -125,7 +125,7 @@ class ChimeraDraftForVLLM(nn.Module):
         assert spec is not None
         config = chimera_config_of(spec.draft_model_config.hf_config)
         if config is None:
-            raise ChimeraConfigError("ChimeraDraftModel needs a Chimera draft config (speculators_model_type 'chimera')")
+            raise ChimeraConfigError("ChimeraDraftModel needs a draft config with speculators_model_type 'chimera'")
         check_draft_for_vllm(config, vllm_config)
         self.config = config
         self.tp_size = get_tensor_model_parallel_world_size()
@@ -208,20 +208,24 @@ def _vllm_name(name: str) -> tuple[str, str | int | None]:
     return name, None
 
 
-def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:
-    """Refuse a draft that cannot serve this target with these settings, naming the values."""
-    config.check_target(vllm_config.model_config.hf_config)
+def check_draft_for_target(config: ChimeraConfig, target_hf_config, num_speculative_tokens: int | None) -> None:
+    """Refuse a draft that cannot serve this target with this many tokens, naming the values."""
+    config.check_target(target_hf_config)
     if config.head_type != "residual":
         raise ChimeraConfigError(
             f"vLLM serves Chimera drafts with residual heads; this draft has head_type={config.head_type!r} "
             "(a Medusa-baseline draft runs with the reference engine, `chimera-vllm generate --engine hf`)"
         )
-    k = vllm_config.speculative_config.num_speculative_tokens
-    if k > config.num_heads:
+    if num_speculative_tokens is not None and not 1 <= num_speculative_tokens <= config.num_heads:
         raise ChimeraConfigError(
-            f"num_speculative_tokens={k} is not supported by this draft: "
+            f"num_speculative_tokens={num_speculative_tokens} is not supported by this draft: "
             f"it has {config.num_heads} heads (use 1..{config.num_heads})"
         )
+
+
+def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:
+    spec = vllm_config.speculative_config
+    check_draft_for_target(config, vllm_config.model_config.hf_config, spec.num_speculative_tokens)
     if vllm_config.use_v2_model_runner:
         raise ChimeraConfigError(
             "Chimera drafts run on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 forces V2: unset it"

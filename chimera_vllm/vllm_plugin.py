@@ -11,7 +11,9 @@ first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
    run by vLLM's EAGLE machinery (paged KV cache, target hidden states);
 4. the proposer: :class:`ChimeraProposer` takes the place of vLLM's EagleProposer
    in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
-   off when a Chimera draft is loaded, with a log line saying so.
+   off when a Chimera draft is loaded, with a log line saying so;
+5. on CPU, a fix for vLLM-CPU's temperature expansion in speculative sampling
+   (:mod:`chimera_vllm.vllm_cpu_fix`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import vllm_cpu_fix
 from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ def register() -> None:
     _route_chimera_drafts_to_eagle()
     _install_proposer()
     _keep_v1_model_runner()
+    vllm_cpu_fix.install()
 
 
 def read_config_dict(model: str | None) -> dict[str, Any] | None:
@@ -122,18 +126,35 @@ def _route_chimera_drafts_to_eagle() -> None:
 
     def make(original):
         @functools.wraps(original)
-        def create_speculative_config(self, *args, **kwargs):
+        def create_speculative_config(self, target_model_config, target_parallel_config):
             spec = self.speculative_config if isinstance(self.speculative_config, dict) else {}
             model = spec.get("model", self.spec_model)
             if spec and ("method" in spec or self.spec_method is None):
                 self.speculative_config = {**spec, "method": speculative_method(spec.get("method"), model)}
             else:
                 self.spec_method = speculative_method(self.spec_method, model)
-            return original(self, *args, **kwargs)
+            if is_chimera_draft(model):
+                config = ChimeraConfig.from_dict(read_config_dict(model))
+                k = spec.get("num_speculative_tokens", self.spec_tokens)
+                if k is None:  # default: one token per trained head
+                    k = config.num_heads
+                    if isinstance(self.speculative_config, dict):
+                        self.speculative_config["num_speculative_tokens"] = k
+                    else:
+                        self.spec_tokens = k
+                _check_before_start(config, k, target_model_config)
+            return original(self, target_model_config, target_parallel_config)
 
         return create_speculative_config
 
     _patch_once(EngineArgs, "create_speculative_config", make)
+
+
+def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, target_model_config) -> None:
+    """The draft/target checks, in the process that starts the engine, so the error reaches the user."""
+    from .vllm_model import check_draft_for_target
+
+    check_draft_for_target(config, target_model_config.hf_config, num_speculative_tokens)
 
 
 def _install_proposer() -> None:

@@ -32,8 +32,10 @@ from .vllm_model import chimera_config_of
 
 def is_chimera_vllm_config(vllm_config: VllmConfig) -> bool:
     spec = vllm_config.speculative_config
-    return spec is not None and spec.draft_model_config is not None and (
-        chimera_config_of(spec.draft_model_config.hf_config) is not None
+    return (
+        spec is not None
+        and spec.draft_model_config is not None
+        and (chimera_config_of(spec.draft_model_config.hf_config) is not None)
     )
 
 
@@ -118,9 +120,7 @@ class ChimeraProposer(EagleProposer):
         cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch_size + 1]).clone()
         if num_rejected_tokens_gpu is not None:  # padded batch: drop the rejected tokens
             cad.seq_lens -= num_rejected_tokens_gpu
-        cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(
-            batch_size
-        )
+        cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(batch_size)
         positions = last
         tokens, probs = [], []
         for step in range(num_speculative_tokens):

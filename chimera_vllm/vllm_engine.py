@@ -1,0 +1,134 @@
+"""Offline batch generation with vLLM, with or without a Chimera draft.
+
+Shared by ``chimera-vllm generate --engine vllm``, ``make-data --engine vllm`` and the
+benchmarks. Statistics come from vLLM's own spec-decode counters, in the same
+shape as the reference decoder's :class:`~chimera_vllm.decoding.DecodeStats`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .decoding import DecodeStats
+
+# On a machine without CUDA vLLM runs on the CPU: compilation costs minutes and gains
+# nothing there (docs/vllm-integration.md), and the KV cache takes a share of RAM.
+CPU_DEFAULTS = {"enforce_eager": True, "gpu_memory_utilization": 0.5}
+
+
+def engine_defaults() -> dict[str, Any]:
+    return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
+
+
+def speculative_config(draft: str | None, num_speculative_tokens: int | None, **extra) -> dict | None:
+    if draft is None:
+        return None
+    spec = {"model": draft, **extra}
+    if num_speculative_tokens is not None:
+        spec["num_speculative_tokens"] = num_speculative_tokens
+    return spec
+
+
+def make_llm(
+    target: str,
+    draft: str | None = None,
+    num_speculative_tokens: int | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    **engine_args: Any,
+):
+    """A vLLM engine for target (with the Chimera draft when given); engine_args override the defaults."""
+    from vllm import LLM
+
+    args = {**engine_defaults(), **{k: v for k, v in engine_args.items() if v is not None}}
+    spec = speculative_config(draft, num_speculative_tokens)
+    return LLM(model=target, dtype=dtype, seed=seed, speculative_config=spec, disable_log_stats=False, **args)
+
+
+@dataclass
+class SpecCounters:
+    """vLLM's cumulative spec-decode counters at one moment."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_by_position: tuple[int, ...] = ()
+
+    @classmethod
+    def read(cls, llm) -> SpecCounters:
+        c = cls()
+        for metric in llm.get_metrics():
+            if metric.name == "vllm:spec_decode_num_drafts":
+                c.drafts = int(metric.value)
+            elif metric.name == "vllm:spec_decode_num_draft_tokens":
+                c.draft_tokens = int(metric.value)
+            elif metric.name == "vllm:spec_decode_num_accepted_tokens":
+                c.accepted_tokens = int(metric.value)
+            elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+                c.accepted_by_position = tuple(int(v) for v in metric.values)
+        return c
+
+    def __sub__(self, before: SpecCounters) -> SpecCounters:
+        pos = before.accepted_by_position or (0,) * len(self.accepted_by_position)
+        return SpecCounters(
+            self.drafts - before.drafts,
+            self.draft_tokens - before.draft_tokens,
+            self.accepted_tokens - before.accepted_tokens,
+            tuple(a - b for a, b in zip(self.accepted_by_position, pos)),
+        )
+
+
+def generate(
+    llm,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop_token_ids: set[int] | None = None,
+    num_speculative_tokens: int = 0,
+    progress: bool = False,
+) -> tuple[list[list[int]], DecodeStats]:
+    """Generate for every prompt in one batch; returns new token ids and the statistics of this call."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed + i if temperature > 0 else None,
+            stop_token_ids=sorted(stop_token_ids or ()),
+        )
+        for i in range(len(prompts))
+    ]
+    before = SpecCounters.read(llm)
+    start = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
+    wall = time.perf_counter() - start
+    counters = SpecCounters.read(llm) - before
+    outputs = [list(r.outputs[0].token_ids) for r in results]
+    output_tokens = sum(len(o) for o in outputs)
+    if counters.drafts:
+        steps = counters.drafts
+    else:  # no speculation: one target step per token after each request's first
+        steps = sum(max(len(o) - 1, 0) for o in outputs)
+    stats = DecodeStats(
+        num_speculative_tokens=num_speculative_tokens,
+        target_steps=steps,
+        draft_tokens=counters.draft_tokens,
+        accepted_tokens=counters.accepted_tokens,
+        accepted_by_position=list(counters.accepted_by_position),
+        output_tokens=output_tokens,
+        wall_s=wall,
+    )
+    return outputs, stats
+
+
+def warm_up(llm, prompt: list[int]) -> None:
+    """One short request, so that timings leave out first-call costs."""
+    from vllm import SamplingParams
+
+    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
