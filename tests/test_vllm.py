@@ -19,6 +19,7 @@ from chimera_vllm.tiny import build_tiny_target, grammar_prompts, synthetic_corp
 
 pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from chimera_vllm.vllm_engine import SpecCounters  # noqa: E402
 
@@ -221,7 +222,7 @@ def test_chimera_method_needs_a_chimera_draft(pair):
 
 
 def test_too_long_request_is_rejected_and_the_engine_keeps_serving(pair, baseline, chimera):
-    with pytest.raises(ValueError, match="maximum context length is 512"):
+    with pytest.raises(VLLMValidationError, match="maximum context length is 512"):
         greedy(chimera, [[5] * 600])
     prompts = grammar_prompts(pair[3], 2, seed=9)
     assert greedy(chimera, prompts) == greedy(baseline, prompts)
