@@ -315,6 +315,11 @@ def use_offline_hub() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
+def logs_to_stderr() -> None:
+    """vLLM logs to stdout by default; the commands print their results (e.g. --json) there."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     use_offline_hub()
+    logs_to_stderr()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FetchError) as e:  # our errors name the bad value

@@ -226,3 +226,26 @@ def test_too_long_request_is_rejected_and_the_engine_keeps_serving(pair, baselin
         greedy(chimera, [[5] * 600])
     prompts = grammar_prompts(pair[3], 2, seed=9)
     assert greedy(chimera, prompts) == greedy(baseline, prompts)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        {"spec_model": "DRAFT", "spec_tokens": 3},  # --spec-model DRAFT --spec-tokens 3
+        {"spec_model": "DRAFT"},  # the number of tokens defaults to the draft's heads
+        {"speculative_config": {"model": "DRAFT", "method": "chimera"}},
+        {"speculative_config": {"model": "DRAFT", "num_speculative_tokens": 2}},
+    ],
+)
+def test_every_spelling_of_a_chimera_draft_runs_it_as_eagle(pair, spelling):
+    from vllm.engine.arg_utils import EngineArgs
+
+    draft = str(pair[1])
+    kwargs = {k: draft if v == "DRAFT" else v for k, v in spelling.items() if k != "speculative_config"}
+    if "speculative_config" in spelling:
+        kwargs["speculative_config"] = {**spelling["speculative_config"], "model": draft}
+    config = EngineArgs(model=str(pair[0]), dtype="float32", max_model_len=512, **kwargs).create_engine_config()
+    expected_k = spelling.get("spec_tokens") or spelling.get("speculative_config", {}).get("num_speculative_tokens", 4)
+    assert config.speculative_config.method == "eagle"
+    assert config.speculative_config.num_speculative_tokens == expected_k
+    assert config.speculative_config.draft_model_config.hf_config.architectures == ["ChimeraDraftModel"]

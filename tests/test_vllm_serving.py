@@ -1,0 +1,166 @@
+"""Chimera through vLLM's front doors: `vllm serve DRAFT_DIR` (the speculators route),
+`chimera-vllm serve` with the OpenAI-compatible server, and `chimera-vllm generate --engine vllm`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from chimera_vllm import cli
+from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.tiny import grammar_prompts
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", "67108864"]
+
+
+@pytest.fixture(scope="module")
+def pair(trained_pair, tmp_path_factory):
+    target_dir, target, tokenizer, _, trained = trained_pair
+    draft_dir = tmp_path_factory.mktemp("serving") / "draft"
+    trained.save_pretrained(draft_dir)
+    return target_dir, draft_dir, target, tokenizer
+
+
+def reference(target, prompts: list[list[int]], max_new_tokens: int, eos: int) -> list[list[int]]:
+    outputs, _ = SpeculativeDecoder(target).generate(prompts, max_new_tokens, {eos})
+    return outputs
+
+
+def test_a_draft_directory_serves_its_verifier(pair):
+    """vLLM's speculators route: the draft's config.json names the target to serve."""
+    from vllm import LLM, SamplingParams
+
+    target_dir, draft_dir, target, tokenizer = pair
+    llm = LLM(
+        model=str(draft_dir), dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=64 << 20
+    )
+    try:
+        config = llm.llm_engine.vllm_config
+        assert config.model_config.model == str(target_dir)
+        assert config.speculative_config.method == "eagle"
+        assert config.speculative_config.num_speculative_tokens == 4  # the draft's heads, from its config
+        prompts = grammar_prompts(tokenizer, 4, seed=13)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=24))
+        assert [list(o.outputs[0].token_ids) for o in outs] == reference(target, prompts, 24, tokenizer.eos_token_id)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(pair):
+    """`chimera-vllm serve TARGET --speculative-model DRAFT` on 127.0.0.1, stopped at the end."""
+    target_dir, draft_dir, _, _ = pair
+    port = _free_port()
+    cmd = [sys.executable, "-m", "chimera_vllm.cli", "serve", str(target_dir), "--speculative-model", str(draft_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", *ENGINE_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stderr.read()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the server did not become healthy in 300 s")
+        time.sleep(1)
+    yield base, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _ask(client, kind: str, stream: bool, text: str) -> str:
+    args = dict(model="tiny", temperature=0.0, max_tokens=24, stream=stream)
+    if kind == "chat":
+        response = client.chat.completions.create(messages=[{"role": "user", "content": text}], **args)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+        return response.choices[0].message.content
+    response = client.completions.create(prompt=text, **args)
+    if stream:
+        return "".join(c.choices[0].text for c in response if c.choices)
+    return response.choices[0].text
+
+
+def test_sixteen_concurrent_requests_match_greedy_decoding(pair, server):
+    _, _, target, tokenizer = pair
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
+    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 16, seed=17)]
+    jobs = [("chat" if i % 2 else "completion", i % 4 < 2, t) for i, t in enumerate(texts)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda job: _ask(client, *job), jobs))
+    prompts = [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        ).input_ids
+        if kind == "chat"
+        else tokenizer(t).input_ids
+        for kind, _, t in jobs
+    ]
+    expected = [tokenizer.decode(o, skip_special_tokens=True) for o in reference(target, prompts, 24, 4)]
+    assert answers == expected
+    metrics = httpx.get(f"{server[0]}/metrics").text
+    accepted = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
+    assert accepted and float(accepted[0].split()[-1]) > 0
+
+
+def test_too_long_request_is_refused_and_the_server_keeps_serving(pair, server):
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="a" * 600, max_tokens=8)
+    assert _ask(client, "completion", False, "the cat ")
+
+
+def test_server_stops_cleanly_on_sigterm(server):
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_generate_with_vllm_matches_the_reference_engine(pair, tmp_path, capsys):
+    target_dir, draft_dir, _, tokenizer = pair
+    prompts = tmp_path / "prompts.jsonl"
+    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 5, seed=19)]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    common = ["generate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
+    common += ["--max-new-tokens", "24", "--json"]
+    assert cli.main([*common, "--engine", "hf"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "chimera_vllm.cli", *common, "--engine", "vllm", "--max-model-len", "512"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = json.loads(run.stdout)
+    assert [o["token_ids"] for o in got["outputs"]] == [o["token_ids"] for o in ref["outputs"]]
+    assert set(got["stats"]) == set(ref["stats"])
+    for key in ("target_steps", "draft_tokens", "accepted_tokens", "acceptance_by_position"):
+        assert got["stats"][key] == ref["stats"][key], key
