@@ -4,7 +4,9 @@ Every prompt is rendered with the tokenizer's chat template and answered by the
 target (vLLM offline batch, or the transformers reference decoder). Lines are
 appended a batch at a time, so an interrupted run resumes at its last whole
 batch; prompt order and sampling seeds depend only on --seed (and the batch
-size), so a resumed run writes what an uninterrupted one would have.
+size), so a resumed run writes what an uninterrupted one would have (except
+sampled answers from vLLM on CPU, which seeds only the engine there:
+docs/vllm-integration.md).
 """
 
 from __future__ import annotations
@@ -94,19 +96,11 @@ class VLLMEngine:
         self.llm = make_llm(args.target, dtype=args.dtype, seed=args.seed, **args.vllm_args)
 
     def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
-        from vllm import SamplingParams
+        from .vllm_engine import generate
 
-        params = [
-            SamplingParams(
-                max_tokens=self.args.max_new_tokens,
-                temperature=self.args.temperature,
-                seed=self.args.seed + first_index + i,
-                stop_token_ids=sorted(eos),
-            )
-            for i in range(len(prompts))
-        ]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        a = self.args
+        outputs, _ = generate(self.llm, prompts, a.max_new_tokens, a.temperature, a.seed + first_index, eos)
+        return outputs
 
 
 def make_data(args: MakeDataArgs) -> Path:

@@ -14,6 +14,8 @@ from chimera_vllm.evaluate import evaluate
 from chimera_vllm.target import load_target
 from chimera_vllm.tiny import grammar_prompts
 
+from .conftest import hf_greedy
+
 
 def test_a_target_that_always_says_token_zero(llama_dir):
     """Zero LM head: target and draft logits are all 0, so both pick token 0: every draft is accepted."""
@@ -66,3 +68,25 @@ def test_eval_cli_json(capsys, trained_pair, tmp_path):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_prompts"] == 2 and len(result["head_top1"]) == 3 and result["outputs_identical"]
+
+
+def test_compare_outputs_finds_each_divergence_and_its_top2_gap(llama_target):
+    from chimera_vllm.compare import compare_outputs
+
+    prompt = [5, 6, 7, 8]
+    expected = hf_greedy(llama_target, [prompt], 8, eos=-1)[0]
+    with torch.no_grad():
+        logits = llama_target(torch.tensor([prompt + expected[:3]])).logits[0, -1]
+    top = torch.topk(logits, 3)
+    second, third = top.indices[1].item(), top.indices[2].item()
+    near = expected[:3] + [second] + expected[4:]
+    far = expected[:3] + [third] + expected[4:]
+    result = compare_outputs(llama_target, [prompt] * 4, [expected] * 4, [expected, near, far, expected[:5]])
+    assert result.identical == 1 and result.match_rate == 0.25
+    d_near, d_far, d_short = result.divergences
+    assert (d_near.prompt_index, d_near.position, d_near.expected, d_near.got) == (1, 3, expected[3], second)
+    assert d_near.top2_gap == pytest.approx((top.values[0] - top.values[1]).item(), abs=1e-5)
+    assert d_near.near_tie(d_near.top2_gap + 1e-3) and not d_near.near_tie(d_near.top2_gap / 2)
+    assert not d_far.near_tie(1e9)  # the third-best token is no near-tie, however large the tolerance
+    assert (d_short.position, d_short.got) == (5, -1)
+    assert not result.only_near_ties

@@ -249,3 +249,21 @@ def test_every_spelling_of_a_chimera_draft_runs_it_as_eagle(pair, spelling):
     assert config.speculative_config.method == "eagle"
     assert config.speculative_config.num_speculative_tokens == expected_k
     assert config.speculative_config.draft_model_config.hf_config.architectures == ["ChimeraDraftModel"]
+
+
+def test_bfloat16_outputs_differ_only_at_near_ties(pair, trained_pair):
+    """bf16: the match rate with vLLM's own bf16 decoding, and every divergence at a near-tie."""
+    from chimera_vllm.compare import compare_outputs
+
+    prompts = mixed_prompts(pair[3], 24)
+    runs = []
+    for draft in (None, pair[1]):
+        llm = make_engine(pair[0], draft, None if draft is None else 4, dtype="bfloat16")
+        try:
+            runs.append(greedy(llm, prompts, 48))
+        finally:
+            shutdown(llm)
+    comparison = compare_outputs(trained_pair[1], prompts, *runs)
+    print(comparison.to_dict())
+    assert comparison.match_rate > 0.5
+    assert comparison.only_near_ties, comparison.divergences
