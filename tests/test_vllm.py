@@ -8,6 +8,7 @@ and is shared by the tests of its configuration (start-up takes ~35 s).
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -267,3 +268,19 @@ def test_bfloat16_outputs_differ_only_at_near_ties(pair, trained_pair):
     print(comparison.to_dict())
     assert comparison.match_rate > 0.5
     assert comparison.only_near_ties, comparison.divergences
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism on CPU needs a core per worker")
+def test_tensor_parallel_2_drafts_like_the_reference_decoder(pair, trained_pair, monkeypatch):
+    """TP=2 shards the encoder layer (vLLM's parallel layers) and the target's embedding and LM head."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM-CPU: one core per TP worker
+    _, target, tokenizer, _, draft = trained_pair
+    prompts = grammar_prompts(tokenizer, 6, seed=3)
+    ref_out, ref = SpeculativeDecoder(target, draft, 4).generate(prompts, 24)
+    llm = make_engine(pair[0], pair[1], 4, tensor_parallel_size=2)
+    try:
+        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
+        got = SpecCounters.read(llm)
+        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
+    finally:
+        shutdown(llm)
