@@ -69,14 +69,13 @@ def _generate_vllm(args: argparse.Namespace):
     """vLLM offline batch: timings cover generation only, after engine start-up and a warm-up request."""
     from .prompts import encode_prompts
     from .target import load_tokenizer
-    from .vllm_engine import generate, make_llm, warm_up
+    from .vllm_engine import chimera_spec, generate, make_llm, warm_up
 
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)
     llm = make_llm(
         args.target,
-        args.draft,
-        args.num_speculative_tokens,
+        chimera_spec(args.draft, args.num_speculative_tokens),
         dtype=args.dtype,
         seed=args.seed,
         max_num_seqs=args.max_num_seqs,
@@ -175,9 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
     spec = None
     if args.draft:
-        from .vllm_engine import speculative_config
+        from .vllm_engine import chimera_spec
 
-        spec = speculative_config(args.draft, args.num_speculative_tokens)
+        spec = chimera_spec(args.draft, args.num_speculative_tokens)
     cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
     sys.stdout.flush()
     os.execv(sys.executable, cmd)

@@ -7,6 +7,7 @@ shape as the reference decoder's :class:`~chimera_vllm.decoding.DecodeStats`.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ def engine_defaults() -> dict[str, Any]:
     return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
 
 
-def speculative_config(draft: str | None, num_speculative_tokens: int | None, **extra) -> dict | None:
+def chimera_spec(draft: str | None, num_speculative_tokens: int | None = None, **extra) -> dict | None:
+    """vLLM's speculative config for a Chimera draft (None without a draft); K defaults to its heads."""
     if draft is None:
         return None
     spec = {"model": draft, **extra}
@@ -33,20 +35,28 @@ def speculative_config(draft: str | None, num_speculative_tokens: int | None, **
     return spec
 
 
-def make_llm(
-    target: str,
-    draft: str | None = None,
-    num_speculative_tokens: int | None = None,
-    dtype: str = "auto",
-    seed: int = 0,
-    **engine_args: Any,
-):
-    """A vLLM engine for target (with the Chimera draft when given); engine_args override the defaults."""
+def ngram_spec(num_speculative_tokens: int) -> dict:
+    """vLLM's built-in n-gram (prompt lookup) proposer with its documented defaults."""
+    return {
+        "method": "ngram",
+        "num_speculative_tokens": num_speculative_tokens,
+        "prompt_lookup_max": 5,
+        "prompt_lookup_min": 2,
+    }
+
+
+def make_llm(target: str, spec: dict | None = None, dtype: str = "auto", seed: int = 0, **engine_args: Any):
+    """A vLLM engine for target with speculative config spec; engine_args override the defaults."""
     from vllm import LLM
 
     args = {**engine_defaults(), **{k: v for k, v in engine_args.items() if v is not None}}
-    spec = speculative_config(draft, num_speculative_tokens)
     return LLM(model=target, dtype=dtype, seed=seed, speculative_config=spec, disable_log_stats=False, **args)
+
+
+def close_llm(llm) -> None:
+    """Stop the engine's processes now (before starting another one)."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 @dataclass

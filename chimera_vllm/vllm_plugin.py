@@ -99,9 +99,11 @@ def _update_chimera(config_dict: dict, pre_trained_config: dict) -> None:
     """Speculators hook: the draft's vLLM hf_config carries its architecture and whole config."""
     from .vllm_model import CHIMERA_CONFIG_KEY
 
-    ChimeraConfig.from_dict(config_dict)  # a malformed config fails here, naming the field
+    config = ChimeraConfig.from_dict(config_dict)  # a malformed config fails here, naming the field
     pre_trained_config["architectures"] = [DRAFT_ARCHITECTURE]
-    pre_trained_config[CHIMERA_CONFIG_KEY] = config_dict
+    # A fresh dict: pre_trained_config is config_dict's own transformer_layer_config, and a cycle
+    # would break vLLM's config hashing (torch.compile's cache key).
+    pre_trained_config[CHIMERA_CONFIG_KEY] = config.to_dict()
 
 
 def _register_speculators_type() -> None:

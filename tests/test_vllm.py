@@ -7,7 +7,6 @@ and is shared by the tests of its configuration (start-up takes ~35 s).
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -22,7 +21,7 @@ pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from chimera_vllm.vllm_engine import SpecCounters  # noqa: E402
+from chimera_vllm.vllm_engine import SpecCounters, close_llm  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks
 ENGINE = dict(
@@ -38,11 +37,6 @@ ENGINE = dict(
 def make_engine(target, draft=None, k=None, spec_extra: dict | None = None, **overrides) -> LLM:
     spec = None if draft is None else {"model": str(draft), "num_speculative_tokens": k, **(spec_extra or {})}
     return LLM(model=str(target), speculative_config=spec, disable_log_stats=False, **{**ENGINE, **overrides})
-
-
-def shutdown(llm: LLM) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
 
 
 def greedy(llm: LLM, prompts, max_tokens=40, **kw) -> list[list[int]]:
@@ -90,7 +84,7 @@ def mixed_prompts(tokenizer, n: int = 32) -> list[list[int]]:
 def baseline(pair):
     llm = make_engine(pair[0])
     yield llm
-    shutdown(llm)
+    close_llm(llm)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def chimera(pair):
         enable_prefix_caching=True,
     )
     yield llm
-    shutdown(llm)
+    close_llm(llm)
 
 
 def test_batch_of_mixed_prompts_is_lossless_through_preemption_chunks_and_prefix_cache(pair, baseline, chimera):
@@ -203,7 +197,7 @@ def test_fewer_speculative_tokens_than_heads(pair, baseline, k):
         assert greedy(llm, prompts) == greedy(baseline, prompts)
         assert SpecCounters.read(llm).draft_tokens > 0
     finally:
-        shutdown(llm)
+        close_llm(llm)
 
 
 def test_draft_for_another_target_is_refused_before_start(pair, tmp_path):
@@ -250,6 +244,7 @@ def test_every_spelling_of_a_chimera_draft_runs_it_as_eagle(pair, spelling):
     assert config.speculative_config.method == "eagle"
     assert config.speculative_config.num_speculative_tokens == expected_k
     assert config.speculative_config.draft_model_config.hf_config.architectures == ["ChimeraDraftModel"]
+    assert config.compute_hash()  # the compilation cache key serialises the draft's config
 
 
 def test_bfloat16_outputs_differ_only_at_near_ties(pair, trained_pair):
@@ -263,7 +258,7 @@ def test_bfloat16_outputs_differ_only_at_near_ties(pair, trained_pair):
         try:
             runs.append(greedy(llm, prompts, 48))
         finally:
-            shutdown(llm)
+            close_llm(llm)
     comparison = compare_outputs(trained_pair[1], prompts, *runs)
     print(comparison.to_dict())
     assert comparison.match_rate > 0.5
@@ -283,4 +278,4 @@ def test_tensor_parallel_2_drafts_like_the_reference_decoder(pair, trained_pair,
         got = SpecCounters.read(llm)
         assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
     finally:
-        shutdown(llm)
+        close_llm(llm)

@@ -18,6 +18,7 @@ import pytest
 from chimera_vllm import cli
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.tiny import grammar_prompts
+from chimera_vllm.vllm_engine import close_llm
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -55,7 +56,7 @@ def test_a_draft_directory_serves_its_verifier(pair):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=24))
         assert [list(o.outputs[0].token_ids) for o in outs] == reference(target, prompts, 24, tokenizer.eos_token_id)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        close_llm(llm)
 
 
 def _free_port() -> int:

@@ -1,0 +1,227 @@
+"""Throughput of vLLM offline batch inference with and without speculation.
+
+One engine per (dtype, method, batch size): ``max_num_seqs`` is the batch size, so
+vLLM's scheduler keeps that many requests running, as a server under load would.
+Every number in a report comes from one run on one machine, and every speedup is a
+ratio to the no-speculation engine of the same dtype, batch size and temperature.
+Used by ``chimera-vllm bench``, ``benchmarks/throughput.py`` and the demo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .vllm_engine import chimera_spec, close_llm, generate, make_llm, ngram_spec, warm_up
+
+METHODS = ("none", "ngram", "chimera")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A proposer: "none", or "ngram"/"chimera" with K tokens per step ("chimera:4")."""
+
+    name: str
+    k: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        name, _, k = text.partition(":")
+        if name not in METHODS or (name == "none") != (k == ""):
+            raise ValueError(f"method {text!r}: use none, ngram:K or chimera:K")
+        return cls(name, int(k) if k else 0)
+
+    def __str__(self) -> str:
+        return self.name if self.name == "none" else f"{self.name}:{self.k}"
+
+    def spec(self, draft: str | None) -> dict | None:
+        if self.name == "ngram":
+            return ngram_spec(self.k)
+        if self.name == "chimera":
+            if draft is None:
+                raise ValueError("the chimera method needs --draft")
+            return chimera_spec(draft, self.k)
+        return None
+
+
+@dataclass
+class Row:
+    dtype: str
+    method: str
+    batch_size: int
+    temperature: float
+    num_prompts: int
+    output_tokens: int
+    wall_s: float
+    output_tokens_per_s: float
+    ms_per_output_token: float  # per request: wall time x batch size / output tokens
+    mean_accepted_length: float
+    acceptance_by_position: list[float]
+    speedup: float | None = None  # over "none" at the same dtype, batch size and temperature
+    speedup_over_tau: float | None = None
+    outputs_identical: bool | None = None  # greedy only: token for token equal to "none"
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+
+
+def run_engine(
+    target: str,
+    method: Method,
+    draft: str | None,
+    dtype: str,
+    batch_size: int,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperatures: list[float],
+    stop_token_ids: set[int],
+    **engine_args,
+) -> list[Row]:
+    llm = make_llm(target, method.spec(draft), dtype=dtype, max_num_seqs=batch_size, **engine_args)
+    try:
+        warm_up(llm, prompts[0])
+        rows = []
+        for temperature in temperatures:
+            outputs, stats = generate(
+                llm, prompts, max_new_tokens, temperature, 0, stop_token_ids, method.k, progress=False
+            )
+            s = stats.to_dict()
+            rows.append(
+                Row(
+                    dtype=dtype,
+                    method=str(method),
+                    batch_size=batch_size,
+                    temperature=temperature,
+                    num_prompts=len(prompts),
+                    output_tokens=stats.output_tokens,
+                    wall_s=stats.wall_s,
+                    output_tokens_per_s=s["output_tokens_per_s"],
+                    ms_per_output_token=1e3 * stats.wall_s * min(batch_size, len(prompts)) / stats.output_tokens,
+                    mean_accepted_length=s["mean_accepted_length"],
+                    acceptance_by_position=s["acceptance_by_position"],
+                    outputs=outputs,
+                )
+            )
+        return rows
+    finally:
+        close_llm(llm)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Speedups, speedup/tau and output identity against the no-speculation row of each setting."""
+    base = {(r.dtype, r.batch_size, r.temperature): r for r in rows if r.method == "none"}
+    for r in rows:
+        b = base.get((r.dtype, r.batch_size, r.temperature))
+        if b is None:
+            continue
+        r.speedup = r.output_tokens_per_s / b.output_tokens_per_s
+        r.speedup_over_tau = r.speedup / r.mean_accepted_length
+        if r.temperature == 0:
+            r.outputs_identical = r.outputs == b.outputs
+
+
+def run(
+    target: str,
+    draft: str | None,
+    prompts: list[list[int]],
+    methods: list[Method],
+    batch_sizes: list[int],
+    dtypes: list[str],
+    temperatures: list[float],
+    max_new_tokens: int,
+    stop_token_ids: set[int],
+    **engine_args,
+) -> list[Row]:
+    if Method("none") not in methods:
+        methods = [Method("none"), *methods]  # every ratio needs its baseline
+    configs = [(d, m, b) for d in dtypes for b in batch_sizes for m in methods]
+    rows: list[Row] = []
+    for dtype, method, batch_size in tqdm(configs, desc="engines", unit="engine"):
+        rows += run_engine(
+            target,
+            method,
+            draft,
+            dtype,
+            batch_size,
+            prompts,
+            max_new_tokens,
+            temperatures,
+            stop_token_ids,
+            **engine_args,
+        )
+    add_ratios(rows)
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = "| dtype | method | batch | T | tok/s | ms/token | τ | speedup | speedup/τ | identical |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        same = "-" if r.outputs_identical is None else ("yes" if r.outputs_identical else "no")
+        lines.append(
+            f"| {r.dtype} | {r.method} | {r.batch_size} | {r.temperature:g} | {r.output_tokens_per_s:.1f} "
+            f"| {r.ms_per_output_token:.1f} | {r.mean_accepted_length:.2f} | {_fmt(r.speedup)} "
+            f"| {_fmt(r.speedup_over_tau)} | {same} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Throughput against batch size per method (one panel per dtype and temperature)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.dtype, r.temperature) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (dtype, temperature) in zip(axes[0], panels):
+        for method in dict.fromkeys(r.method for r in rows):
+            pts = sorted(
+                (r.batch_size, r.output_tokens_per_s)
+                for r in rows
+                if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(
+            xscale="log",
+            xlabel="batch size (max_num_seqs)",
+            ylabel="output tokens/s",
+            title=f"{dtype}, T={temperature:g}",
+        )
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
+    """out.json (every row, with the run's machine and versions), out.md (the table) and out.png."""
+    import torch
+    import vllm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {platform.processor() or '?'}, {os.cpu_count()} CPUs",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "command": command,
+        **extra,
+    }
+    out.with_suffix(".json").write_text(
+        json.dumps({**info, "rows": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows]}, indent=1)
+    )
+    plot(rows, out.with_suffix(".png"))
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    out.with_suffix(".md").write_text(f"# Throughput\n\n{header}\n\n{markdown_table(rows)}\n\n![]({out.name}.png)\n")
