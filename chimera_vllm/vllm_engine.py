@@ -17,8 +17,9 @@ import torch
 from .decoding import DecodeStats
 
 # On a machine without CUDA vLLM runs on the CPU: compilation costs minutes and gains
-# nothing there (docs/vllm-integration.md), and the KV cache takes a share of RAM.
-CPU_DEFAULTS = {"enforce_eager": True, "gpu_memory_utilization": 0.5}
+# nothing there (docs/vllm-integration.md), and a fixed KV cache (enough for ~90k tokens of
+# SmolLM2-135M) starts whatever else holds memory, unlike a share of RAM.
+CPU_DEFAULTS = {"enforce_eager": True, "kv_cache_memory_bytes": 4 << 30}
 
 
 def engine_defaults() -> dict[str, Any]:

@@ -165,3 +165,22 @@ def test_generate_with_vllm_matches_the_reference_engine(pair, tmp_path, capsys)
     assert set(got["stats"]) == set(ref["stats"])
     for key in ("target_steps", "draft_tokens", "accepted_tokens", "acceptance_by_position"):
         assert got["stats"][key] == ref["stats"][key], key
+
+
+def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
+    target_dir, draft_dir, _, tokenizer = pair
+    prompts = tmp_path / "prompts.jsonl"
+    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 6, seed=23)]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "report" / "throughput"
+    args = ["bench", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
+    args += ["--methods", "chimera:3", "--batch-sizes", "2", "--dtypes", "float32", "--max-new-tokens", "24"]
+    assert cli.main([*args, "--max-model-len", "512", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    none, chimera = report["rows"]
+    assert (none["method"], chimera["method"]) == ("none", "chimera:3")
+    assert none["speedup"] == 1.0 and chimera["outputs_identical"] is True
+    assert chimera["mean_accepted_length"] > 1.5
+    assert chimera["speedup"] == pytest.approx(chimera["output_tokens_per_s"] / none["output_tokens_per_s"])
+    assert out.with_suffix(".png").stat().st_size > 0 and "chimera:3" in out.with_suffix(".md").read_text()
+    assert "chimera:3" in capsys.readouterr().out
