@@ -93,6 +93,7 @@ class ChimeraConfig:
     trigram_mlp: str = "resblock"
     head_type: str = "residual"
     intermediate_size: int | None = None  # encoder layer's MLP width; default: 4H rounded
+    draft_vocab_size: int | None = None  # drafting restricted to this many target tokens (None: all)
     verifier_name_or_path: str = ""
     verifier_architectures: list[str] = field(default_factory=list)
     dtype: str = "float32"
@@ -106,6 +107,11 @@ class ChimeraConfig:
             raise ChimeraConfigError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.target.hidden_size
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.target.vocab_size:
+            raise ChimeraConfigError(
+                f"draft_vocab_size must be in 1..{self.target.vocab_size} (the target's vocabulary), "
+                f"got {self.draft_vocab_size}"
+            )
 
     @property
     def hidden_size(self) -> int:
@@ -171,6 +177,7 @@ class ChimeraConfig:
                 "trigram_mlp": self.trigram_mlp,
                 "head_type": self.head_type,
                 "intermediate_size": self.intermediate_size,
+                "draft_vocab_size": self.draft_vocab_size,
             },
             "torch_dtype": self.dtype,
         }
@@ -191,6 +198,7 @@ class ChimeraConfig:
                 trigram_mlp=chimera["trigram_mlp"],
                 head_type=chimera["head_type"],
                 intermediate_size=int(chimera["intermediate_size"]),
+                draft_vocab_size=chimera.get("draft_vocab_size"),
                 verifier_name_or_path=verifier.get("name_or_path", ""),
                 verifier_architectures=list(verifier.get("architectures", [])),
                 dtype=d.get("torch_dtype", "float32"),

@@ -207,6 +207,13 @@ class MedusaHeads(nn.Module):
         return anchor + F.silu(F.linear(anchor, self.weight[step], self.bias[step])), lm_head_weight
 
 
+def restrict_to_vocab(logits: Tensor, vocab: Tensor) -> Tensor:
+    """logits [..., V] with every token outside vocab set to -inf (probability 0)."""
+    out = torch.full_like(logits, float("-inf"))
+    out[..., vocab] = logits[..., vocab]
+    return out
+
+
 TokenChooser = Callable[[int, Tensor], Tensor]
 """(step k, logits [B, V]) -> chosen token ids [B]. None means greedy, by the fused arg-max."""
 
@@ -225,6 +232,9 @@ class ChimeraDraft(nn.Module):
         H = config.hidden_size
         self.trigram: TrigramEncoder | None = None
         self.encoder: ContextEncoderLayer | None = None
+        # Target ids the heads may draft (sorted); None drafts from the whole vocabulary.
+        vocab = None if config.draft_vocab_size is None else torch.zeros(config.draft_vocab_size, dtype=torch.long)
+        self.register_buffer("draft_vocab", vocab)
         if config.head_type == "medusa":
             self.heads: nn.Module = MedusaHeads(config.num_heads, H)
             return
@@ -257,14 +267,31 @@ class ChimeraDraft(nn.Module):
         features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
         return F.linear(features, vocab.to(features.dtype))
 
+    def set_draft_vocab(self, token_ids: Tensor) -> None:
+        """Draft only these target tokens (the rest of the vocabulary gets probability 0).
+
+        The LM-head product of every draft step then reads len(token_ids) rows instead of V;
+        decoding stays lossless, as the target verifies every drafted token.
+        """
+        ids = torch.unique(token_ids.long().flatten())
+        if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
+            raise ChimeraConfigError(f"draft vocabulary ids must lie in 0..{self.config.vocab_size - 1}")
+        self.config.draft_vocab_size = ids.numel()
+        self.draft_vocab = ids.to(next(self.parameters()).device)
+
     def _draft_tokens(
         self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts, choose: TokenChooser | None
     ) -> tuple[Tensor, Tensor | None]:
         """(tokens [B], logits [B, V]); greedy drafting never materialises the logits."""
         if choose is None:
             features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
-            return greedy_draft_head(features, vocab.to(features.dtype)), None
+            if self.draft_vocab is None:
+                return greedy_draft_head(features, vocab.to(features.dtype)), None
+            rows = vocab.index_select(0, self.draft_vocab).to(features.dtype)
+            return self.draft_vocab[greedy_draft_head(features, rows)], None
         logits = self.head_logits(step, h_hat, anchor, parts)
+        if self.draft_vocab is not None:
+            logits = restrict_to_vocab(logits, self.draft_vocab)
         return choose(step, logits), logits
 
     def check_num_steps(self, num_steps: int) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.model import ChimeraDraft, TargetParts
 from chimera_vllm.target import load_target
 from chimera_vllm.tiny import grammar_prompts
 
-from .conftest import hf_greedy
+from .conftest import draft_after, hf_greedy
 
 EOS = 4  # the tiny tokenizer's <|im_end|>
 
@@ -106,3 +109,38 @@ def test_request_longer_than_the_target_allows_is_an_error(llama_target):
     limit = llama_target.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"prompt 1 has 500 tokens: .* max_position_embeddings={limit}"):
         SpeculativeDecoder(llama_target).generate([[5, 6], [7] * 500], 20)
+
+
+def test_draft_vocabulary_restricts_proposals_and_stays_lossless(trained_pair, tmp_path):
+    """Drafting over a subset of the vocabulary: every proposal is in it, greedy output is unchanged,
+    the subset survives save/load, and sampled drafting gives the rest probability 0."""
+    _, target, tokenizer, _, trained = trained_pair
+    draft = copy.deepcopy(trained)
+    prompts = grammar_prompts(tokenizer, 12, seed=99)
+    # The 20 most frequent tokens of the target's own outputs, in shuffled order.
+    outputs, full = SpeculativeDecoder(target, trained, 4).generate(prompts, 48, {EOS})
+    counts = torch.bincount(torch.tensor([t for o in outputs for t in o]), minlength=target.config.vocab_size)
+    vocab = counts.topk(20).indices[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    draft.set_draft_vocab(vocab)
+    assert draft.draft_vocab.tolist() == sorted(vocab.tolist())
+    restricted_out, restricted = SpeculativeDecoder(target, draft, 4).generate(prompts, 48, {EOS})
+    assert restricted_out == hf_greedy(target, prompts, 48, EOS)
+    assert restricted.accepted_tokens > 0.5 * full.accepted_tokens  # the frequent tokens carry most of it
+    draft.save_pretrained(tmp_path / "d")
+    loaded = ChimeraDraft.from_pretrained(tmp_path / "d", target.config)
+    assert torch.equal(loaded.draft_vocab, draft.draft_vocab) and loaded.config.draft_vocab_size == 20
+    ids = torch.tensor([prompts[0]])
+    hidden = target(ids, output_hidden_states=True).hidden_states[-1].detach()
+    parts = TargetParts.from_model(target)
+    tokens, _ = draft_after(loaded, parts, ids, hidden, len(prompts[0]) - 2, 4, None)
+    assert set(tokens.flatten().tolist()) <= set(vocab.tolist())
+    sampled, logits = draft_after(loaded, parts, ids, hidden, len(prompts[0]) - 2, 4, lambda k, lg: lg.argmax(-1))
+    outside = torch.ones(target.config.vocab_size, dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.isinf(logits[..., outside]).all() and torch.equal(sampled, tokens)
+
+
+def test_draft_vocabulary_out_of_range_is_refused(trained_pair):
+    draft = copy.deepcopy(trained_pair[4])
+    with pytest.raises(ChimeraConfigError, match="draft vocabulary ids must lie in 0..104"):
+        draft.set_draft_vocab(torch.tensor([3, 105]))
