@@ -33,7 +33,7 @@ from vllm.utils.torch_utils import _encode_layer_name
 
 from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
-from .model import ResidualHeads, TrigramEncoder
+from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
 _STACKED = {
@@ -110,6 +110,8 @@ class _ChimeraModules(nn.Module):
         self.trigram = TrigramEncoder(config.hidden_size, config.trigram_mlp)
         self.encoder = ChimeraEncoderLayer(config, vllm_config, prefix)
         self.heads = ResidualHeads(config.num_heads, config.hidden_size)
+        size = config.draft_vocab_size
+        self.register_buffer("draft_vocab", None if size is None else torch.zeros(size, dtype=torch.long))
         self.embed_tokens: nn.Module | None = None  # the target's, set by vLLM's proposer
 
 
@@ -134,6 +136,7 @@ class ChimeraDraftForVLLM(nn.Module):
         # gives its attention a KV cache of its own.
         self.model = _ChimeraModules(config, vllm_config, f"model.layers.{target_layers}")
         self.lm_head: nn.Module | None = None  # the target's, set by vLLM's proposer
+        self._draft_rows: torch.Tensor | None = None
         self.logits_processor = LogitsProcessor(config.vocab_size)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("trigram_context", torch.zeros(max_tokens, 2, dtype=torch.long), persistent=False)
@@ -174,21 +177,36 @@ class ChimeraDraftForVLLM(nn.Module):
         return self.model.trigram.mlp(rows)
 
     def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, features)
+        logits = self.logits_processor(self.lm_head, features)
+        vocab = self.model.draft_vocab
+        return logits if vocab is None or logits is None else restrict_to_vocab(logits, vocab)
 
     def greedy_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Arg-max draft tokens; the fused LM-head arg-max when the whole head is on this rank."""
-        if self.tp_size == 1:
+        if self.tp_size > 1:
+            return self.compute_logits(features).argmax(dim=-1)
+        vocab = self.model.draft_vocab
+        if vocab is None:
             return greedy_draft_head(features, self.lm_head.weight[: self.config.vocab_size])
-        return self.compute_logits(features).argmax(dim=-1)
+        return vocab[greedy_draft_head(features, self._draft_lm_head())]
+
+    def _draft_lm_head(self) -> torch.Tensor:
+        """The LM-head rows of the draft vocabulary, gathered once (the head is frozen)."""
+        if self._draft_rows is None:
+            self._draft_rows = self.lm_head.weight.index_select(0, self.model.draft_vocab)
+        return self._draft_rows
 
     # --- weights ------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
         loaded: set[str] = set()
         for name, tensor in weights:
             name, shard = _vllm_name(f"model.{name}")
+            if name == "model.draft_vocab" and buffers.get(name) is not None:
+                buffers[name].copy_(tensor)
+                continue
             if name not in params:
                 raise ChimeraConfigError(f"unexpected weight {name!r} in the Chimera draft checkpoint")
             param = params[name]

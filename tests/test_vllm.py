@@ -7,6 +7,7 @@ and is shared by the tests of its configuration (start-up takes ~35 s).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -277,5 +278,26 @@ def test_tensor_parallel_2_drafts_like_the_reference_decoder(pair, trained_pair,
         assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
         got = SpecCounters.read(llm)
         assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
+    finally:
+        close_llm(llm)
+
+
+def test_draft_vocabulary_in_vllm_drafts_like_the_reference_decoder(pair, trained_pair, tmp_path):
+    """A draft restricted to 20 target tokens: vLLM's greedy output is the target's, and its
+    acceptance counters equal the reference decoder's with the same restricted draft."""
+    _, target, tokenizer, _, trained = trained_pair
+    draft = copy.deepcopy(trained)
+    prompts = grammar_prompts(tokenizer, 6, seed=3)
+    outputs, _ = SpeculativeDecoder(target).generate(prompts, 24)
+    counts = torch.bincount(torch.tensor([t for o in outputs for t in o]), minlength=target.config.vocab_size)
+    draft.set_draft_vocab(counts.topk(20).indices)
+    draft.save_pretrained(tmp_path / "restricted")
+    ref_out, ref = SpeculativeDecoder(target, draft, 4).generate(prompts, 24)
+    llm = make_engine(pair[0], tmp_path / "restricted", 4)
+    try:
+        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
+        got = SpecCounters.read(llm)
+        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
+        assert list(got.accepted_by_position) == ref.accepted_by_position
     finally:
         close_llm(llm)
