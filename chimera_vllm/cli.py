@@ -136,6 +136,18 @@ def cmd_init_draft(args: argparse.Namespace) -> None:
     print(f"wrote an untrained Chimera draft ({args.num_heads} heads) for {args.target} to {args.out}")
 
 
+def cmd_draft_vocab(args: argparse.Namespace) -> None:
+    from .model import ChimeraDraft
+    from .training.data import frequent_response_tokens
+
+    draft = ChimeraDraft.from_pretrained(args.draft)
+    ids, coverage = frequent_response_tokens(args.data, draft.config.vocab_size, args.size)
+    draft.set_draft_vocab(ids)
+    out = args.out or args.draft
+    draft.save_pretrained(out)
+    print(f"draft vocabulary: {args.size} tokens cover {coverage:.1%} of the response tokens in the data; wrote {out}")
+
+
 def cmd_convert_official(args: argparse.Namespace) -> None:
     from .checkpoint import convert_official
     from .target import load_target
@@ -270,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--dtype", default="float32")
     i.set_defaults(func=cmd_init_draft)
+
+    d = sub.add_parser(
+        "draft-vocab", help="restrict a draft to the N most frequent response tokens of the data (cheaper steps)"
+    )
+    d.add_argument("--draft", required=True)
+    d.add_argument("--data", required=True, nargs="+", help="token-id JSONL files (make-data's output)")
+    d.add_argument("--size", type=int, required=True, help="number of target tokens the draft may propose")
+    d.add_argument("--out", help="write the restricted draft here (default: in place)")
+    d.set_defaults(func=cmd_draft_vocab)
 
     c = sub.add_parser("convert-official", help="import kafkayu/Chimera's released .pt files")
     c.add_argument("--target", required=True)

@@ -104,3 +104,20 @@ def test_console_script_reports_errors_without_a_traceback(llama_dir, tmp_path):
     assert result.returncode == 2
     assert "chimera-vllm: error: no prompts file at" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_draft_vocab_keeps_the_most_frequent_response_tokens(capsys, llama_dir, tmp_path):
+    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.training.data import Sequence, write_sequences
+
+    assert main(["init-draft", "--target", str(llama_dir), "--out", str(tmp_path / "d")]) == 0
+    # Prompt tokens (9) never count; in the responses 7 > 8 > 5 > 6 by frequency.
+    data = tmp_path / "data.jsonl"
+    write_sequences(data, [Sequence([9, 9, 9, 7, 7, 7, 8, 8, 5], 3), Sequence([9, 9, 7, 8, 6, 5], 2)])
+    capsys.readouterr()
+    assert main(["draft-vocab", "--draft", str(tmp_path / "d"), "--data", str(data), "--size", "3"]) == 0
+    assert "3 tokens cover 90.0% of the response tokens" in capsys.readouterr().out
+    draft = ChimeraDraft.from_pretrained(tmp_path / "d")
+    assert draft.draft_vocab.tolist() == [5, 7, 8] and draft.config.draft_vocab_size == 3
+    assert main(["draft-vocab", "--draft", str(tmp_path / "d"), "--data", str(data), "--size", "100000"]) == 2
+    assert "--size must be in 1..128" in capsys.readouterr().err

@@ -61,6 +61,21 @@ def read_sequences(path: str | Path, vocab_size: int | None = None, max_length: 
     return sequences
 
 
+def frequent_response_tokens(paths: list[str], vocab_size: int, size: int) -> tuple[Tensor, float]:
+    """The size most frequent tokens of the responses (after prompt_length) in the data files,
+    and the share of all response tokens they cover."""
+    if not 0 < size <= vocab_size:
+        raise ValueError(f"--size must be in 1..{vocab_size} (the target's vocabulary), got {size}")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for path in paths:
+        for seq in read_sequences(path, vocab_size=vocab_size):
+            counts += torch.bincount(
+                torch.tensor(seq.input_ids[seq.prompt_length :], dtype=torch.long), minlength=vocab_size
+            )
+    top = counts.topk(size)
+    return top.indices, float(top.values.sum() / counts.sum().clamp(min=1))
+
+
 def write_sequences(path: str | Path, sequences: list[Sequence]) -> None:
     with Path(path).open("w") as f:
         for s in sequences:
