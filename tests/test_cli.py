@@ -120,4 +120,4 @@ def test_draft_vocab_keeps_the_most_frequent_response_tokens(capsys, llama_dir, 
     draft = ChimeraDraft.from_pretrained(tmp_path / "d")
     assert draft.draft_vocab.tolist() == [5, 7, 8] and draft.config.draft_vocab_size == 3
     assert main(["draft-vocab", "--draft", str(tmp_path / "d"), "--data", str(data), "--size", "100000"]) == 2
-    assert "--size must be in 1..128" in capsys.readouterr().err
+    assert "--size must be in 1..105 (the target's vocabulary), got 100000" in capsys.readouterr().err
