@@ -66,6 +66,8 @@ class Row:
     speedup: float | None = None  # over "none" at the same dtype, batch size and temperature
     speedup_over_tau: float | None = None
     outputs_identical: bool | None = None  # greedy only: token for token equal to "none"
+    match_rate: float | None = None  # greedy only: share of outputs equal to "none"'s
+    only_near_ties: bool | None = None  # every divergence starts at a near-tie (chimera_vllm/compare.py)
     outputs: list[list[int]] = field(default_factory=list, repr=False)
 
 
@@ -157,15 +159,32 @@ def run(
     return rows
 
 
+def check_divergences(rows: list[Row], target, prompts: list[list[int]]) -> None:
+    """For greedy rows whose outputs differ from "none"'s (bf16 arithmetic depends on batch shape):
+    the match rate, and whether every divergence starts at a near-tie of the float32 target."""
+    from .compare import compare_outputs
+
+    base = {(r.dtype, r.batch_size): r for r in rows if r.method == "none" and r.temperature == 0}
+    for r in rows:
+        b = base.get((r.dtype, r.batch_size))
+        if r.temperature != 0 or b is None or r is b:
+            continue
+        comparison = compare_outputs(target, prompts, b.outputs, r.outputs)
+        r.match_rate, r.only_near_ties = comparison.match_rate, comparison.only_near_ties
+
+
 def markdown_table(rows: list[Row]) -> str:
-    head = "| dtype | method | batch | T | tok/s | ms/token | τ | speedup | speedup/τ | identical |"
+    head = "| dtype | method | batch | T | tok/s | ms/token | τ | speedup | speedup/τ | identical | near-ties only |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         same = "-" if r.outputs_identical is None else ("yes" if r.outputs_identical else "no")
+        if r.match_rate is not None and not r.outputs_identical:
+            same += f" ({r.match_rate:.0%} equal)"
+        ties = "-" if r.only_near_ties is None or r.outputs_identical else ("yes" if r.only_near_ties else "NO")
         lines.append(
             f"| {r.dtype} | {r.method} | {r.batch_size} | {r.temperature:g} | {r.output_tokens_per_s:.1f} "
             f"| {r.ms_per_output_token:.1f} | {r.mean_accepted_length:.2f} | {_fmt(r.speedup)} "
-            f"| {_fmt(r.speedup_over_tau)} | {same} |"
+            f"| {_fmt(r.speedup_over_tau)} | {same} | {ties} |"
         )
     return "\n".join(lines)
 

@@ -90,3 +90,23 @@ def test_compare_outputs_finds_each_divergence_and_its_top2_gap(llama_target):
     assert not d_far.near_tie(1e9)  # the third-best token is no near-tie, however large the tolerance
     assert (d_short.position, d_short.got) == (5, -1)
     assert not result.only_near_ties
+
+
+def test_bench_marks_divergences_at_near_ties(llama_target):
+    from chimera_vllm.bench import Row, check_divergences, markdown_table
+
+    prompt = [5, 6, 7, 8]
+    expected = hf_greedy(llama_target, [prompt], 8, eos=-1)[0]
+    with torch.no_grad():
+        second = torch.topk(llama_target(torch.tensor([prompt + expected[:2]])).logits[0, -1], 2).indices[1].item()
+
+    def row(method: str, outputs) -> Row:
+        return Row("bfloat16", method, 1, 0.0, 2, 16, 1.0, 16.0, 62.5, 1.0, [], outputs=outputs)
+
+    rows = [row("none", [expected, expected]), row("chimera:4", [expected, expected[:2] + [second] + expected[3:]])]
+    rows[1].outputs_identical = False
+    check_divergences(rows, llama_target, [prompt, prompt])
+    assert rows[1].match_rate == 0.5 and rows[0].match_rate is None
+    gap = torch.topk(llama_target(torch.tensor([prompt + expected[:2]])).logits[0, -1], 2).values
+    assert rows[1].only_near_ties == (float(gap[0] - gap[1]) < 0.25)
+    assert "no (50% equal)" in markdown_table(rows)
