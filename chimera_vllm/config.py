@@ -140,6 +140,14 @@ class ChimeraConfig:
             mlp_bias=False,
         )
 
+    def check_num_steps(self, num_steps: int) -> None:
+        """Refuse more draft tokens per step than there are trained heads (or fewer than one)."""
+        if not 1 <= num_steps <= self.num_heads:
+            raise ChimeraConfigError(
+                f"num_speculative_tokens={num_steps} is not supported by this draft: "
+                f"it has {self.num_heads} heads (use 1..{self.num_heads})"
+            )
+
     def check_target(self, target_config: PretrainedConfig) -> None:
         """Raise if this draft was built for a target with other shapes than ``target_config``."""
         other = TargetSpec.from_target_config(target_config)

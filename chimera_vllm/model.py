@@ -295,11 +295,7 @@ class ChimeraDraft(nn.Module):
         return choose(step, logits), logits
 
     def check_num_steps(self, num_steps: int) -> None:
-        if not 1 <= num_steps <= self.num_heads:
-            raise ChimeraConfigError(
-                f"num_speculative_tokens={num_steps} is not supported by this draft: "
-                f"it has {self.num_heads} heads (use 1..{self.num_heads})"
-            )
+        self.config.check_num_steps(num_steps)
 
     @torch.no_grad()
     def propose(

@@ -48,10 +48,16 @@ CHIMERA_CONFIG_KEY = "chimera_draft_config"
 """Attribute of the draft's vLLM hf_config holding the draft's whole config.json."""
 
 
+def carries_chimera_config(hf_config) -> bool:
+    """Whether a draft's vLLM hf_config is a Chimera draft's (set by the speculators hook)."""
+    return getattr(hf_config, CHIMERA_CONFIG_KEY, None) is not None
+
+
 def chimera_config_of(hf_config) -> ChimeraConfig | None:
     """The Chimera config carried by a draft's vLLM hf_config, or None for other drafts."""
-    d = getattr(hf_config, CHIMERA_CONFIG_KEY, None)
-    return None if d is None else ChimeraConfig.from_dict(d)
+    return (
+        ChimeraConfig.from_dict(getattr(hf_config, CHIMERA_CONFIG_KEY)) if carries_chimera_config(hf_config) else None
+    )
 
 
 class ChimeraEncoderLayer(nn.Module):
@@ -234,11 +240,8 @@ def check_draft_for_target(config: ChimeraConfig, target_hf_config, num_speculat
             f"vLLM serves Chimera drafts with residual heads; this draft has head_type={config.head_type!r} "
             "(a Medusa-baseline draft runs with the reference engine, `chimera-vllm generate --engine hf`)"
         )
-    if num_speculative_tokens is not None and not 1 <= num_speculative_tokens <= config.num_heads:
-        raise ChimeraConfigError(
-            f"num_speculative_tokens={num_speculative_tokens} is not supported by this draft: "
-            f"it has {config.num_heads} heads (use 1..{config.num_heads})"
-        )
+    if num_speculative_tokens is not None:
+        config.check_num_steps(num_speculative_tokens)
 
 
 def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:

@@ -74,14 +74,17 @@ def read_config_dict(model: str | None) -> dict[str, Any] | None:
         return None
 
 
-def is_chimera_draft(model: str | None) -> bool:
+def chimera_draft_config(model: str | None) -> ChimeraConfig | None:
+    """The Chimera config of a draft model, or None when model is not a Chimera draft."""
     d = read_config_dict(model)
-    return d is not None and d.get("speculators_model_type") == SPECULATORS_MODEL_TYPE
+    if d is None or d.get("speculators_model_type") != SPECULATORS_MODEL_TYPE:
+        return None
+    return ChimeraConfig.from_dict(d)
 
 
-def speculative_method(method: str | None, model: str | None) -> str | None:
+def speculative_method(method: str | None, model: str | None, is_chimera: bool) -> str | None:
     """The vLLM method for a speculative config: EAGLE's machinery for a Chimera draft."""
-    if not is_chimera_draft(model):
+    if not is_chimera:
         if method == SPECULATORS_MODEL_TYPE:
             raise ChimeraConfigError(
                 f"speculative method 'chimera' needs a Chimera draft as its model; {model!r} is not one "
@@ -131,12 +134,15 @@ def _route_chimera_drafts_to_eagle() -> None:
         def create_speculative_config(self, target_model_config, target_parallel_config):
             spec = self.speculative_config if isinstance(self.speculative_config, dict) else {}
             model = spec.get("model", self.spec_model)
+            config = chimera_draft_config(model)
             if spec and ("method" in spec or self.spec_method is None):
-                self.speculative_config = {**spec, "method": speculative_method(spec.get("method"), model)}
+                self.speculative_config = {
+                    **spec,
+                    "method": speculative_method(spec.get("method"), model, config is not None),
+                }
             else:
-                self.spec_method = speculative_method(self.spec_method, model)
-            if is_chimera_draft(model):
-                config = ChimeraConfig.from_dict(read_config_dict(model))
+                self.spec_method = speculative_method(self.spec_method, model, config is not None)
+            if config is not None:
                 k = spec.get("num_speculative_tokens", self.spec_tokens)
                 if k is None:  # default: one token per trained head
                     k = config.num_heads

@@ -27,7 +27,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from .vllm_model import chimera_config_of
+from .vllm_model import carries_chimera_config
 
 
 def is_chimera_vllm_config(vllm_config: VllmConfig) -> bool:
@@ -35,7 +35,7 @@ def is_chimera_vllm_config(vllm_config: VllmConfig) -> bool:
     return (
         spec is not None
         and spec.draft_model_config is not None
-        and (chimera_config_of(spec.draft_model_config.hf_config) is not None)
+        and carries_chimera_config(spec.draft_model_config.hf_config)
     )
 
 
