@@ -340,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-decay", type=float, default=0.8, help="loss weight of head k is decay**k")
     t.add_argument("--mse-weight", type=float, default=1.0)
     t.add_argument("--kl-weight", type=float, default=0.0)
+    t.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="draft (and train the heads) over the data's N most frequent response tokens only",
+    )
+    t.add_argument(
+        "--hidden-cache",
+        default=None,
+        help="file for the target's hidden states of the data: computed once, reused by every epoch and resume",
+    )
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)

@@ -267,6 +267,20 @@ class ChimeraDraft(nn.Module):
         features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
         return F.linear(features, vocab.to(features.dtype))
 
+    def draft_vocab_product(
+        self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts
+    ) -> tuple[Tensor, Tensor]:
+        """(features [..., D], rows [Vd, D]): head `step` over the draft vocabulary only.
+
+        Index i of features @ rows.T is target token draft_vocab[i] (all V tokens when
+        the draft has no vocabulary). Greedy drafting and training both use it, so
+        neither computes the logits of tokens the draft can never propose.
+        """
+        features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
+        if self.draft_vocab is not None:
+            vocab = vocab.index_select(0, self.draft_vocab)
+        return features, vocab.to(features.dtype)
+
     def set_draft_vocab(self, token_ids: Tensor) -> None:
         """Draft only these target tokens (the rest of the vocabulary gets probability 0).
 
@@ -284,11 +298,9 @@ class ChimeraDraft(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """(tokens [B], logits [B, V]); greedy drafting never materialises the logits."""
         if choose is None:
-            features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)
-            if self.draft_vocab is None:
-                return greedy_draft_head(features, vocab.to(features.dtype)), None
-            rows = vocab.index_select(0, self.draft_vocab).to(features.dtype)
-            return self.draft_vocab[greedy_draft_head(features, rows)], None
+            features, rows = self.draft_vocab_product(step, h_hat, anchor, parts)
+            best = greedy_draft_head(features, rows)
+            return (best if self.draft_vocab is None else self.draft_vocab[best]), None
         logits = self.head_logits(step, h_hat, anchor, parts)
         if self.draft_vocab is not None:
             logits = restrict_to_vocab(logits, self.draft_vocab)

@@ -16,7 +16,14 @@ from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.model import ChimeraDraft, TargetParts
 from chimera_vllm.target import final_hidden, load_target
 from chimera_vllm.tiny import grammar_prompts
-from chimera_vllm.training.data import DataFormatError, Sequence, read_sequences, write_sequences
+from chimera_vllm.training.data import (
+    DataFormatError,
+    Sequence,
+    frequent_response_tokens,
+    read_sequences,
+    write_sequences,
+)
+from chimera_vllm.training.hidden_cache import HiddenCache
 from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
 from chimera_vllm.training.trainer import TrainArgs, train
 
@@ -242,3 +249,45 @@ def test_kl_term_is_zero_only_for_a_draft_that_matches_the_target(llama_target, 
     assert metrics["kl_0"] > 0 and metrics["kl_1"] > 0
     expected = loss.item() + 0.5 * (metrics["kl_0"] + 0.8 * metrics["kl_1"])
     assert loss_kl.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_draft_vocabulary_loss_is_cross_entropy_over_its_tokens(llama_target, llama_dir):
+    """With a draft vocabulary, head k's CE is over those tokens only; labels outside it get no loss."""
+    draft = randomised_draft(llama_target, llama_dir, 1)
+    draft.set_draft_vocab(torch.arange(5, 60))
+    parts = TargetParts.from_model(llama_target)
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    hidden = final_hidden(llama_target, ids)
+    labels = torch.ones(2, 12, dtype=torch.bool)
+    loss, metrics = ChimeraObjective(draft, parts, LossWeights((1.0,), mse=0.0))(ids, hidden, labels)
+    ((_, h_hat, anchor),) = draft_steps(draft, parts, ids, hidden, 1)
+    expected = []
+    for b in range(2):
+        for p in range(1, 11):
+            if ids[b, p + 1] < 60:  # x_{p+1} is a draft-vocabulary token
+                logits = draft.head_logits(0, h_hat[b, p], anchor[b, p], parts)[5:60]
+                expected.append(torch.nn.functional.cross_entropy(logits, ids[b, p + 1] - 5))
+    assert 0 < len(expected) < 20
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert metrics["ce_0"] == pytest.approx(loss.item())
+
+
+def test_hidden_cache_trains_like_the_live_target_and_is_reused(llama_dir, small_data, tmp_path):
+    """--hidden-cache gives the weights of a run that calls the target every step; a second run reuses
+    the file, and a changed data file rebuilds it. --draft-vocab-size picks the data's top tokens."""
+    cache = tmp_path / "hidden.safetensors"
+    live = train(_args(llama_dir, small_data, tmp_path / "live", draft_vocab_size=30))
+    cached = train(_args(llama_dir, small_data, tmp_path / "cached", draft_vocab_size=30, hidden_cache=str(cache)))
+    a, b = load_file(live / "model.safetensors"), load_file(cached / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    vocab, _ = frequent_response_tokens([str(small_data)], 128, 30)
+    assert sorted(vocab.tolist()) == a["draft_vocab"].tolist()
+
+    built = cache.stat().st_mtime_ns
+    train(_args(llama_dir, small_data, tmp_path / "again", steps=1, hidden_cache=str(cache)))
+    assert cache.stat().st_mtime_ns == built
+    other = tmp_path / "other.jsonl"
+    write_sequences(other, read_sequences(small_data)[:10])
+    train(_args(llama_dir, other, tmp_path / "other", steps=1, hidden_cache=str(cache)))
+    assert len(HiddenCache(cache).offsets) == 11

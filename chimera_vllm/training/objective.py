@@ -102,21 +102,32 @@ class ChimeraObjective(nn.Module):
         out[keep] = True
         return out.view_as(sel)
 
+    def _draft_vocab_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Target ids [B, T] -> indices into the draft vocabulary (-1 where the draft cannot
+        propose the token: no loss there), and the target LM-head rows of that vocabulary."""
+        vocab = self.draft.draft_vocab
+        if vocab is None:
+            return labels, self.parts.lm_head_weight
+        index = torch.full((self.parts.lm_head_weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+        index[vocab] = torch.arange(len(vocab), device=labels.device)
+        return index[labels], self.parts.lm_head_weight.index_select(0, vocab)
+
     def forward(self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
         """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H]."""
         T = input_ids.shape[1]
-        labels = input_ids[:, 1:]
+        labels, teacher_rows = self._draft_vocab_labels(input_ids[:, 1:])
         total = hidden.new_zeros(())
         metrics: dict[str, float] = {}
         for k, h_hat, anchor in draft_steps(self.draft, self.parts, input_ids, hidden, len(self.weights.step_weights)):
-            # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label to predict.
-            sel = label_mask[:, 1:].clone()
+            # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label the draft can propose.
+            sel = label_mask[:, 1:] & (labels >= 0)
             sel[:, : k + 1] = False
             sel = self._subsample(sel)
             if not sel.any():
                 continue
             hh = h_hat[:, : T - 1][sel] if h_hat is not None else None
-            logits = self.draft.head_logits(k, hh, anchor[:, : T - 1][sel], self.parts).float()
+            features, rows = self.draft.draft_vocab_product(k, hh, anchor[:, : T - 1][sel], self.parts)
+            logits = F.linear(features, rows).float()
             target_label = labels[sel]
             loss = ce = F.cross_entropy(logits, target_label)
             if hh is not None:
@@ -124,7 +135,7 @@ class ChimeraObjective(nn.Module):
                 loss = loss + self.weights.mse * mse
                 metrics[f"mse_{k}"] = mse.item()
             if self.weights.kl > 0:
-                teacher = F.log_softmax(F.linear(hidden[:, : T - 1][sel], self.parts.lm_head_weight).float(), -1)
+                teacher = F.log_softmax(F.linear(hidden[:, : T - 1][sel], teacher_rows).float(), -1)
                 kl = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
                 loss = loss + self.weights.kl * kl
                 metrics[f"kl_{k}"] = kl.item()

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import init_draft
 from ..model import ChimeraDraft, TargetParts
 from ..target import final_hidden, load_target
-from .data import batch_indices, collate, read_sequences
+from .data import batch_indices, collate, frequent_response_tokens, read_sequences
+from .hidden_cache import HiddenCache, cache_key, open_hidden_cache
 from .objective import ChimeraObjective, LossWeights
 
 
@@ -48,6 +49,8 @@ class TrainArgs:
     step_decay: float = 0.8
     mse_weight: float = 1.0
     kl_weight: float = 0.0
+    draft_vocab_size: int | None = None  # train (and draft) over the data's most frequent tokens only
+    hidden_cache: str | None = None  # file for the target's hidden states, computed once for all epochs
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -147,6 +150,11 @@ def train(args: TrainArgs) -> Path:
         else:
             draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
         start, history = 0, []
+        if args.draft_vocab_size:
+            ids, coverage = frequent_response_tokens([args.data], target.config.vocab_size, args.draft_vocab_size)
+            draft.set_draft_vocab(ids)
+            if rank == 0:
+                print(f"draft vocabulary: {args.draft_vocab_size} tokens cover {coverage:.1%} of the responses")
     # float32 master weights; with a bf16/fp16 target the forward runs under autocast.
     draft = draft.to(device=device, dtype=torch.float32).train()
     autocast = torch.autocast(torch.device(device).type, dtype=target.dtype, enabled=target.dtype != torch.float32)
@@ -159,15 +167,25 @@ def train(args: TrainArgs) -> Path:
     if start:
         _load_optimizer(opt, ckpt)
 
+    cache = None
+    if args.hidden_cache:
+        key = cache_key(args.target, args.data, args.max_length, target.dtype)
+        cache = open_hidden_cache(target, data, args.hidden_cache, key, args.progress) if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        cache = cache or HiddenCache(args.hidden_cache)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or not args.progress)
     for step in bar:
-        batch = [data[i] for i in batch_indices(len(data), args.batch_size, step, args.seed, rank, world)]
-        ids, attn, labels = (t.to(device) for t in collate(batch))
-        with torch.no_grad():
-            hidden = final_hidden(target, ids, attn.long())
+        indices = batch_indices(len(data), args.batch_size, step, args.seed, rank, world)
+        ids, attn, labels = (t.to(device) for t in collate([data[i] for i in indices]))
+        if cache is not None:
+            hidden = cache.batch(indices, ids.shape[1]).to(device)
+        else:
+            with torch.no_grad():
+                hidden = final_hidden(target, ids, attn.long())
         chimera_objective.reseed(args.seed * 1_000_003 + step * world + rank)
         with autocast:
             loss, metrics = objective(ids, hidden, labels)
