@@ -108,23 +108,49 @@ class EncoderAttention(nn.Module):
         v = self._split(self.v_proj(x), self.num_kv_heads)
         return _rope(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ctx_k: Tensor,
+        ctx_v: Tensor,
+        ctx_mask: Tensor,
+        own_k: Tensor | None = None,
+        own_v: Tensor | None = None,
+    ) -> Tensor:
         """x [B, T, H] (normed); ctx_k/ctx_v [B, kvh, S, d]; ctx_mask [B|1, T, S] bool.
 
-        Each query attends to the context entries its mask allows and to its own key/value.
+        Each query attends to the context entries its mask allows, to its own key/value
+        and to own_k/own_v [B, kvh, T, m, d]: m more entries that only query t sees
+        (in training, the earlier draft steps' outputs at the positions that query reads).
         """
         B, T, _ = x.shape
-        q = self._split(self.q_proj(x), self.num_heads)
+        q = _rope(self._split(self.q_proj(x), self.num_heads), cos, sin)
         k, v = self.key_values(x, cos, sin)
-        q = _rope(q, cos, sin)
-        keys = torch.cat([ctx_k, k], dim=2)
-        values = torch.cat([ctx_v, v], dim=2)
-        self_mask = torch.eye(T, dtype=torch.bool, device=x.device).expand(ctx_mask.shape[0], T, T)
-        mask = torch.cat([ctx_mask, self_mask], dim=-1).unsqueeze(1)  # [B, 1, T, S+T]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        own_k = k[:, :, :, None] if own_k is None else torch.cat([own_k, k[:, :, :, None]], dim=3)
+        own_v = v[:, :, :, None] if own_v is None else torch.cat([own_v, v[:, :, :, None]], dim=3)
+        out = context_attention(q, ctx_k, ctx_v, ctx_mask, own_k, own_v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def context_attention(
+    q: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor, own_k: Tensor, own_v: Tensor
+) -> Tensor:
+    """Softmax attention of q [B, h, T, d] over a shared context [B, kvh, S, d] (ctx_mask [B|1, T, S])
+    plus per-query entries own_k/own_v [B, kvh, T, m, d] -> [B, h, T, d] (grouped-query heads).
+
+    Per-query entries cost T*m scores where a mask over shared keys would cost T*T*m:
+    the training pass has m = step + 1, so this keeps every step as cheap as the first.
+    """
+    B, h, T, d = q.shape
+    kvh, S = ctx_k.shape[1], ctx_k.shape[2]
+    q = q.view(B, kvh, h // kvh, T, d) * d**-0.5
+    ctx_scores = (q @ ctx_k[:, :, None].transpose(-1, -2)).masked_fill(~ctx_mask[:, None, None], float("-inf"))
+    own_scores = torch.einsum("bkgtd,bktmd->bkgtm", q, own_k)
+    probs = torch.softmax(torch.cat([ctx_scores, own_scores], dim=-1).float(), dim=-1).to(q.dtype)
+    out = probs[..., :S] @ ctx_v[:, :, None] + torch.einsum("bkgtm,bktmd->bkgtd", probs[..., S:], own_v)
+    return out.reshape(B, h, T, d)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -154,11 +180,20 @@ class ContextEncoderLayer(nn.Module):
         cos, sin = self.rotary_emb(x, positions)
         return self.self_attn.key_values(x, cos, sin)
 
-    def forward(self, e: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_mask: Tensor) -> Tensor:
-        """e [B, T, H] trigram encodings at positions [B, T] -> ĥ [B, T, H]."""
+    def forward(
+        self,
+        e: Tensor,
+        positions: Tensor,
+        ctx_k: Tensor,
+        ctx_v: Tensor,
+        ctx_mask: Tensor,
+        own_k: Tensor | None = None,
+        own_v: Tensor | None = None,
+    ) -> Tensor:
+        """e [B, T, H] trigram encodings at positions [B, T] -> ĥ [B, T, H] (own_k/own_v: see EncoderAttention)."""
         x = self.input_layernorm(e)
         cos, sin = self.rotary_emb(x, positions)
-        h = e + self.self_attn(x, cos, sin, ctx_k, ctx_v, ctx_mask)
+        h = e + self.self_attn(x, cos, sin, ctx_k, ctx_v, ctx_mask, own_k, own_v)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -24,7 +24,13 @@ from chimera_vllm.training.data import (
     write_sequences,
 )
 from chimera_vllm.training.hidden_cache import HiddenCache
-from chimera_vllm.training.objective import ChimeraObjective, LossWeights, draft_steps, step_context_mask
+from chimera_vllm.training.objective import (
+    ChimeraObjective,
+    LossWeights,
+    draft_steps,
+    shift_right,
+    verified_context_mask,
+)
 from chimera_vllm.training.trainer import TrainArgs, train
 
 from .conftest import draft_after
@@ -40,13 +46,12 @@ def randomised_draft(target, target_dir, num_heads, trigram_mlp="resblock", head
     return draft
 
 
-def test_step_mask_block_structure():
-    m = step_context_mask(5, 2)  # query p sees h_j (j <= p-3), ĥ^(0)_{p-2}, ĥ^(1)_{p-1}
-    h, s0, s1 = m[:, :5], m[:, 5:10], m[:, 10:]
-    assert h[4].tolist() == [True, True, False, False, False]
-    assert s0[4].nonzero().flatten().tolist() == [2]
-    assert s1[4].nonzero().flatten().tolist() == [3]
-    assert not h[:3].any()  # p <= 2 has no verified context (no anchor) at step 2
+def test_verified_context_mask_and_shift():
+    m = verified_context_mask(5, 2)  # query p sees h_j for j <= p-3
+    assert m[4].tolist() == [True, True, False, False, False]
+    assert not m[:3].any()  # p <= 2 has no verified context (no anchor) at step 2
+    x = torch.arange(6.0).view(1, 1, 3, 2)
+    assert shift_right(x).tolist() == [[[[0, 0], [0, 1], [2, 3]]]]
 
 
 @pytest.mark.parametrize(

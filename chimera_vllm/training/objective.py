@@ -5,8 +5,9 @@ target verified x_0..x_{n+1} with n = p-k-1: keys/values of the target's h_0..h_
 the encoder's own outputs of steps 0..k-1 at positions n+1..p-1, and itself;
 its head reads the anchor h_n. Every position of a sequence trains every step at
 once: step k is one pass of the (single) encoder layer over the sequence, with a
-block mask over [h | ĥ of step 0 | ... | ĥ of step k-1]. The K passes are
-sequential because step k attends to the outputs of the earlier steps.
+causal mask over the h_j and, per query, the k earlier steps' outputs it reads (one
+each, aligned to the query). The K passes are sequential because step k attends to
+the outputs of the earlier steps.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from torch import Tensor, nn
 from ..model import ChimeraDraft, TargetParts, trigram_ids
 
 
-def step_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:
-    """[T, (step+1)*T] bool: what query p may see at draft step `step`, self excluded.
+def verified_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:
+    """[T, T] bool: the target's h_j that query p may see at draft step `step` (j <= p-step-1)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril(-(step + 1))
 
-    Block 0 holds the target's h_j: visible for j <= p-step-1. Block 1+j holds
-    the encoder outputs of step j: only position p-step+j is visible.
-    """
-    ones = torch.ones(T, T, dtype=torch.bool, device=device)
-    blocks = [ones.tril(-(step + 1))]
-    blocks += [ones.tril(-(step - j)).triu(-(step - j)) for j in range(step)]
-    return torch.cat(blocks, dim=1)
+
+def shift_right(x: Tensor, n: int = 1) -> Tensor:
+    """x[:, :, p] <- x[:, :, p-n] along the position axis (dim 2); zeros enter at the front."""
+    return F.pad(x, (0, 0) * (x.dim() - 3) + (n, 0))[:, :, : x.shape[2]]
 
 
 def shifted_anchor(hidden: Tensor, step: int) -> Tensor:
@@ -54,13 +53,17 @@ def draft_steps(
     positions = torch.arange(T, device=input_ids.device).expand(B, T)
     e = draft.trigram(trigram_ids(input_ids), parts.embed_weight)
     keys, values = draft.encoder.context_kv(hidden, positions)
+    # own_k[:, :, p, j] is the key of step j's output at position p-k+j: the one entry of
+    # that step query p sees at step k; every step shifts them one position further.
+    own_k = own_v = None
     for k in range(num_steps):
-        mask = step_context_mask(T, k, input_ids.device)[None]
-        h_hat = draft.encoder(e, positions, keys, values, mask)
+        mask = verified_context_mask(T, k, input_ids.device)[None]
+        h_hat = draft.encoder(e, positions, keys, values, mask, own_k, own_v)
         yield k, h_hat, shifted_anchor(hidden, k)
         if k + 1 < num_steps:
-            new_k, new_v = draft.encoder.context_kv(h_hat, positions)
-            keys, values = torch.cat([keys, new_k], dim=2), torch.cat([values, new_v], dim=2)
+            new_k, new_v = (x[:, :, :, None] for x in draft.encoder.context_kv(h_hat, positions))
+            own_k = shift_right(new_k if own_k is None else torch.cat([own_k, new_k], dim=3))
+            own_v = shift_right(new_v if own_v is None else torch.cat([own_v, new_v], dim=3))
 
 
 @dataclass
