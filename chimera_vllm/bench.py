@@ -20,12 +20,16 @@ from tqdm.auto import tqdm
 
 from .vllm_engine import chimera_spec, close_llm, generate, make_llm, ngram_spec, warm_up
 
-METHODS = ("none", "ngram", "chimera")
+METHODS = ("none", "ngram", "chimera", "hf")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A proposer: "none", or "ngram"/"chimera" with K tokens per step ("chimera:4")."""
+    """A proposer: "none", or "ngram"/"chimera" with K tokens per step ("chimera:4").
+
+    "hf" is an outside baseline, not a vLLM engine: transformers' ``generate``, one
+    request at a time (what a single-user CPU setup might run instead of vLLM).
+    """
 
     name: str
     k: int = 0
@@ -33,12 +37,12 @@ class Method:
     @classmethod
     def parse(cls, text: str) -> Method:
         name, _, k = text.partition(":")
-        if name not in METHODS or (name == "none") != (k == ""):
-            raise ValueError(f"method {text!r}: use none, ngram:K or chimera:K")
+        if name not in METHODS or (name in ("none", "hf")) != (k == ""):
+            raise ValueError(f"method {text!r}: use none, hf, ngram:K or chimera:K")
         return cls(name, int(k) if k else 0)
 
     def __str__(self) -> str:
-        return self.name if self.name == "none" else f"{self.name}:{self.k}"
+        return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
     def spec(self, draft: str | None) -> dict | None:
         if self.name == "ngram":
@@ -84,6 +88,12 @@ def run_engine(
     progress: bool = False,
     **engine_args,
 ) -> list[Row]:
+    if method.name == "hf":
+        return [
+            hf_generate_row(target, dtype, prompts, max_new_tokens, stop_token_ids)
+            for temperature in temperatures
+            if temperature == 0
+        ]
     llm = make_llm(target, method.spec(draft), dtype=dtype, max_num_seqs=batch_size, **engine_args)
     try:
         warm_up(llm, prompts[0])
@@ -114,11 +124,43 @@ def run_engine(
         close_llm(llm)
 
 
+def hf_generate_row(
+    target: str, dtype: str, prompts: list[list[int]], max_new_tokens: int, stop_token_ids: set[int]
+) -> Row:
+    """transformers' greedy ``generate`` at batch 1, over every prompt in turn."""
+    import time
+
+    import torch
+
+    from .target import load_target
+
+    model = load_target(target, dtype)
+    eos = sorted(stop_token_ids)
+    model.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False)  # warm-up
+    outputs, start = [], time.perf_counter()
+    for prompt in tqdm(prompts, desc="transformers generate", leave=False):
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+        )
+        outputs.append(out[0, len(prompt) :].tolist())
+    wall = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    return Row(
+        dtype, "hf", 1, 0.0, len(prompts), tokens, wall, tokens / wall, 1e3 * wall / tokens, 1.0, [], outputs=outputs
+    )
+
+
 def add_ratios(rows: list[Row]) -> None:
-    """Speedups, speedup/tau and output identity against the no-speculation row of each setting."""
+    """Speedups, speedup/tau and output identity against the no-speculation row of each setting
+    (for transformers' generate: vLLM's no-speculation row at the smallest batch size)."""
     base = {(r.dtype, r.batch_size, r.temperature): r for r in rows if r.method == "none"}
+    smallest = min((r.batch_size for r in rows if r.method == "none"), default=1)
     for r in rows:
-        b = base.get((r.dtype, r.batch_size, r.temperature))
+        b = base.get((r.dtype, smallest if r.method == "hf" else r.batch_size, r.temperature))
         if b is None:
             continue
         r.speedup = r.output_tokens_per_s / b.output_tokens_per_s
@@ -143,7 +185,8 @@ def run(
     """One engine per (dtype, method, batch size); progress shows each engine's requests too."""
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
-    configs = [(d, m, b) for d in dtypes for b in batch_sizes for m in methods]
+    # transformers' generate runs at batch 1 only: once per dtype
+    configs = [(d, m, b) for d in dtypes for b in batch_sizes for m in methods if m.name != "hf" or b == batch_sizes[0]]
     rows: list[Row] = []
     for dtype, method, batch_size in tqdm(configs, desc="engines", unit="engine"):
         rows += run_engine(

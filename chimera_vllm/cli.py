@@ -354,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     b.add_argument("--num-prompts", type=int, default=None)
     b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--methods", nargs="+", default=["none", "ngram:4", "chimera:4"], help="none, ngram:K, chimera:K")
+    b.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "ngram:4", "chimera:4"],
+        help="none, ngram:K, chimera:K, hf (transformers generate at batch 1)",
+    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     b.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     b.add_argument("--temperatures", type=float, nargs="+", default=[0.0])

@@ -174,11 +174,13 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     out = tmp_path / "report" / "throughput"
     args = ["bench", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
-    args += ["--methods", "chimera:3", "--batch-sizes", "2", "--dtypes", "float32", "--max-new-tokens", "24"]
+    args += ["--methods", "chimera:3", "hf", "--batch-sizes", "2", "--dtypes", "float32", "--max-new-tokens", "24"]
     assert cli.main([*args, "--max-model-len", "512", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    none, chimera = report["rows"]
-    assert (none["method"], chimera["method"]) == ("none", "chimera:3")
+    none, chimera, hf = report["rows"]
+    assert (none["method"], chimera["method"], hf["method"]) == ("none", "chimera:3", "hf")
+    assert hf["batch_size"] == 1 and hf["outputs_identical"] is True  # transformers' generate, greedy
+    assert hf["speedup"] == pytest.approx(hf["output_tokens_per_s"] / none["output_tokens_per_s"])
     assert none["speedup"] == 1.0 and chimera["outputs_identical"] is True
     assert chimera["mean_accepted_length"] > 1.5
     assert chimera["speedup"] == pytest.approx(chimera["output_tokens_per_s"] / none["output_tokens_per_s"])

@@ -1,0 +1,41 @@
+"""The shipped SmolLM2-135M draft with its real target (installed by the set-up's fetch-target)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chimera_vllm import cli
+from chimera_vllm.demo import DRAFT, PROMPTS, TARGET
+from chimera_vllm.drafts import resolve_draft, shipped_drafts
+from chimera_vllm.evaluate import evaluate
+from chimera_vllm.fetch import fetch_target
+from chimera_vllm.model import ChimeraDraft
+from chimera_vllm.prompts import encode_prompts
+from chimera_vllm.target import eos_token_ids, generation_config, load_target, load_tokenizer
+
+# What the shipped draft reaches on these prompts with some margin (its model card has the full
+# evaluation); a draft that regresses, or loads wrongly, falls below it.
+MIN_MEAN_ACCEPTED_LENGTH = 1.6
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    fetch_target("smollm2-135m")  # a no-op after the set-up
+    return load_target(TARGET, "float32"), load_tokenizer(TARGET)
+
+
+def test_the_shipped_draft_is_listed_and_names_its_target(capsys):
+    assert DRAFT in shipped_drafts()
+    assert cli.main(["drafts"]) == 0
+    name, target, path = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert (name, target, path) == (DRAFT, TARGET, resolve_draft(DRAFT))
+
+
+def test_the_shipped_draft_accepts_tokens_on_mt_bench_and_stays_lossless(smollm2):
+    target, tokenizer = smollm2
+    draft = ChimeraDraft.from_pretrained(resolve_draft(DRAFT), target.config, dtype=target.dtype)
+    prompts = encode_prompts(str(PROMPTS), tokenizer)[:4]
+    eos = eos_token_ids(tokenizer, generation_config(TARGET))
+    result = evaluate(target, draft, prompts, 4, 64, eos, batch_size=4)
+    assert result.outputs_identical
+    assert result.mean_accepted_length >= MIN_MEAN_ACCEPTED_LENGTH, result
