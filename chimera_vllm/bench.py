@@ -18,14 +18,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .vllm_engine import chimera_spec, close_llm, generate, make_llm, ngram_spec, warm_up
+from .vllm_engine import chimera_spec, close_llm, generate, make_llm, medusa_spec, ngram_spec, warm_up
 
-METHODS = ("none", "ngram", "chimera", "hf")
+METHODS = ("none", "ngram", "chimera", "medusa", "hf")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A proposer: "none", or "ngram"/"chimera" with K tokens per step ("chimera:4").
+    """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4").
 
     "hf" is an outside baseline, not a vLLM engine: transformers' ``generate``, one
     request at a time (what a single-user CPU setup might run instead of vLLM).
@@ -38,19 +38,21 @@ class Method:
     def parse(cls, text: str) -> Method:
         name, _, k = text.partition(":")
         if name not in METHODS or (name in ("none", "hf")) != (k == ""):
-            raise ValueError(f"method {text!r}: use none, hf, ngram:K or chimera:K")
+            raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K or medusa:K")
         return cls(name, int(k) if k else 0)
 
     def __str__(self) -> str:
         return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
-    def spec(self, draft: str | None) -> dict | None:
+    def spec(self, drafts: dict[str, str | None]) -> dict | None:
+        """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
         if self.name == "ngram":
             return ngram_spec(self.k)
-        if self.name == "chimera":
-            if draft is None:
-                raise ValueError("the chimera method needs --draft")
-            return chimera_spec(draft, self.k)
+        if self.name in ("chimera", "medusa"):
+            path = drafts.get(self.name)
+            if path is None:
+                raise ValueError(f"the {self.name} method needs --{'draft' if self.name == 'chimera' else 'medusa'}")
+            return chimera_spec(path, self.k) if self.name == "chimera" else medusa_spec(path, self.k)
         return None
 
 
@@ -78,7 +80,7 @@ class Row:
 def run_engine(
     target: str,
     method: Method,
-    draft: str | None,
+    drafts: dict[str, str | None],
     dtype: str,
     batch_size: int,
     prompts: list[list[int]],
@@ -94,7 +96,7 @@ def run_engine(
             for temperature in temperatures
             if temperature == 0
         ]
-    llm = make_llm(target, method.spec(draft), dtype=dtype, max_num_seqs=batch_size, **engine_args)
+    llm = make_llm(target, method.spec(drafts), dtype=dtype, max_num_seqs=batch_size, **engine_args)
     try:
         warm_up(llm, prompts[0])
         rows = []
@@ -171,7 +173,7 @@ def add_ratios(rows: list[Row]) -> None:
 
 def run(
     target: str,
-    draft: str | None,
+    drafts: dict[str, str | None],
     prompts: list[list[int]],
     methods: list[Method],
     batch_sizes: list[int],
@@ -192,7 +194,7 @@ def run(
         rows += run_engine(
             target,
             method,
-            draft,
+            drafts,
             dtype,
             batch_size,
             prompts,

@@ -1,4 +1,5 @@
-"""Making draft checkpoints: a fresh draft for a target, or one imported from the authors' release.
+"""Making draft checkpoints: a fresh draft for a target, one imported from the authors' release,
+and the Medusa baseline exported to vLLM's own Medusa format.
 
 Saving and loading a draft directory is :meth:`ChimeraDraft.save_pretrained` /
 :meth:`ChimeraDraft.from_pretrained`; the config format is in config.py.
@@ -6,12 +7,14 @@ Saving and loading a draft directory is :meth:`ChimeraDraft.save_pretrained` /
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from .config import ChimeraConfig, TargetSpec
+from .config import ChimeraConfig, ChimeraConfigError, TargetSpec
 from .model import ChimeraCheckpointError, ChimeraDraft, TargetParts
 
 OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
@@ -102,3 +105,38 @@ def convert_official(target: PreTrainedModel, target_name_or_path: str, official
         raise ChimeraCheckpointError(f"{official_dir}: official checkpoint lacks {missing}")
     draft.load_state_dict(state)
     return draft.to(device=target.device, dtype=target.dtype).eval()
+
+
+def export_vllm_medusa(draft: ChimeraDraft, parts: TargetParts, out: str | Path) -> None:
+    """Write a Medusa-baseline draft in vLLM's own Medusa format (``method: medusa``).
+
+    vLLM's Medusa head i is y = h + SiLU(W_i h + b_i) with logits LMHead(y): exactly the
+    baseline's heads; the target's LM head is stored once (``original_lm_head``). A draft
+    vocabulary is not exported: vLLM 0.32's Medusa loader rejects its ``token_map`` ("weights
+    were not initialized from checkpoint: {'token_map'}"), so vLLM drafts from every token.
+    """
+    if draft.config.head_type != "medusa":
+        raise ChimeraConfigError(
+            f"only a Medusa-baseline draft exports to vLLM's Medusa, got {draft.config.head_type!r}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = parts.lm_head_weight.dtype
+    state = {"lm_heads.0.weight": parts.lm_head_weight}
+    for i in range(draft.num_heads):
+        state[f"blocks.{i}.layers.0.weight"] = draft.heads.weight[i]
+        state[f"blocks.{i}.layers.0.bias"] = draft.heads.bias[i]
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["MedusaModel"],
+        "model_type": "medusa",
+        "hidden_size": draft.config.hidden_size,
+        "vocab_size": draft.config.vocab_size,
+        "num_heads": draft.num_heads,
+        "num_hidden_layers": 1,
+        "medusa_fc_bias": True,
+        "original_lm_head": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

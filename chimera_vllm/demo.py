@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")
     rows = run(
         args.target,
-        draft,
+        {"chimera": draft},
         prompts,
         methods,
         [args.batch_size],

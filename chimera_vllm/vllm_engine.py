@@ -46,6 +46,11 @@ def ngram_spec(num_speculative_tokens: int) -> dict:
     }
 
 
+def medusa_spec(model: str, num_speculative_tokens: int) -> dict:
+    """vLLM's built-in Medusa with heads in its format (``chimera-vllm export-medusa``)."""
+    return {"method": "medusa", "model": model, "num_speculative_tokens": num_speculative_tokens}
+
+
 def make_llm(target: str, spec: dict | None = None, dtype: str = "auto", seed: int = 0, **engine_args: Any):
     """A vLLM engine for target with speculative config spec; engine_args override the defaults."""
     from vllm import LLM

@@ -13,10 +13,13 @@ import os
 import pytest
 import torch
 
+from chimera_vllm import cli
 from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.model import ChimeraDraft
 from chimera_vllm.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
+from chimera_vllm.training.trainer import TrainArgs, train
 
 pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
@@ -299,5 +302,40 @@ def test_draft_vocabulary_in_vllm_drafts_like_the_reference_decoder(pair, traine
         got = SpecCounters.read(llm)
         assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
         assert list(got.accepted_by_position) == ref.accepted_by_position
+    finally:
+        close_llm(llm)
+
+
+def test_medusa_baseline_exported_to_vllm_drafts_like_the_reference_decoder(trained_pair, tmp_path):
+    """export-medusa writes vLLM's own Medusa format: vLLM's built-in Medusa proposer, fed the
+    baseline's heads, is accepted exactly as the reference decoder's Medusa drafts."""
+    target_dir, target, tokenizer, _, _ = trained_pair
+    run = train(
+        TrainArgs(
+            target=str(target_dir),
+            data=str(target_dir.parent / "data.jsonl"),
+            out=str(tmp_path / "medusa"),
+            head_type="medusa",
+            num_heads=3,
+            steps=40,
+            batch_size=16,
+            lr=3e-3,
+            save_every=1000,
+            progress=False,
+        )
+    )
+    assert (
+        cli.main(["export-medusa", "--target", str(target_dir), "--draft", str(run), "--out", str(tmp_path / "vllm")])
+        == 0
+    )
+    medusa = ChimeraDraft.from_pretrained(run, target.config)
+    prompts = grammar_prompts(tokenizer, 6, seed=5)
+    ref_out, ref = SpeculativeDecoder(target, medusa, 3).generate(prompts, 24)
+    assert ref.accepted_tokens > 0
+    llm = make_engine(target_dir, tmp_path / "vllm", 3, spec_extra={"method": "medusa"})
+    try:
+        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
+        got = SpecCounters.read(llm)
+        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
     finally:
         close_llm(llm)
