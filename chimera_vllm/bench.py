@@ -33,6 +33,8 @@ class Method:
 
     name: str
     k: int = 0
+    # vLLM's num_speculative_tokens_per_batch_size: (first, last batch size, K) ranges; k is their max
+    schedule: tuple[tuple[int, int, int], ...] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -42,6 +44,8 @@ class Method:
         return cls(name, int(k) if k else 0)
 
     def __str__(self) -> str:
+        if self.schedule:
+            return f"{self.name}:auto"
         return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
@@ -52,8 +56,36 @@ class Method:
             path = drafts.get(self.name)
             if path is None:
                 raise ValueError(f"the {self.name} method needs --{'draft' if self.name == 'chimera' else 'medusa'}")
-            return chimera_spec(path, self.k) if self.name == "chimera" else medusa_spec(path, self.k)
+            if self.name == "medusa":
+                return medusa_spec(path, self.k)
+            if self.schedule:
+                return chimera_spec(
+                    path, self.k, num_speculative_tokens_per_batch_size=[list(e) for e in self.schedule]
+                )
+            return chimera_spec(path, self.k)
         return None
+
+
+def tuned_schedule(rows: list[Row], dtype: str) -> tuple[tuple[int, int, int], ...] | None:
+    """vLLM's batch-size schedule from greedy measurements: at each measured batch size the K of the
+    fastest Chimera row, or 0 where no-speculation was faster; each K covers the batch sizes from
+    just above the previous measured size up to its own (the last one up to any size).
+    None when speculation lost everywhere."""
+    measured = sorted({r.batch_size for r in rows if (r.method, r.dtype, r.temperature) == ("none", dtype, 0)})
+    entries, first = [], 1
+    for i, b in enumerate(measured):
+        candidates = [
+            r
+            for r in rows
+            if r.method.startswith("chimera:") and not r.method.endswith(":auto")
+            if (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
+        ]
+        best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
+        k = Method.parse(best.method).k if best is not None and (best.speedup or 0) > 1 else 0
+        last = b if i + 1 < len(measured) else 1 << 20
+        entries.append((first, last, k))
+        first = b + 1
+    return tuple(entries) if any(k for *_, k in entries) else None
 
 
 @dataclass
@@ -182,9 +214,13 @@ def run(
     max_new_tokens: int,
     stop_token_ids: set[int],
     progress: bool = False,
+    tune_schedule: bool = False,
     **engine_args,
 ) -> list[Row]:
-    """One engine per (dtype, method, batch size); progress shows each engine's requests too."""
+    """One engine per (dtype, method, batch size); progress shows each engine's requests too.
+
+    tune_schedule: then one more Chimera engine per batch size with vLLM's batch-size schedule
+    built from the measured rows (method "chimera:auto", see tuned_schedule)."""
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
     # transformers' generate runs at batch 1 only: once per dtype
@@ -205,6 +241,27 @@ def run(
             **engine_args,
         )
     add_ratios(rows)
+    if tune_schedule:
+        for dtype in dtypes:
+            schedule = tuned_schedule(rows, dtype)
+            if schedule is None:
+                continue
+            auto = Method("chimera", max(k for *_, k in schedule), schedule)
+            for batch_size in batch_sizes:
+                rows += run_engine(
+                    target,
+                    auto,
+                    drafts,
+                    dtype,
+                    batch_size,
+                    prompts,
+                    max_new_tokens,
+                    temperatures,
+                    stop_token_ids,
+                    progress,
+                    **engine_args,
+                )
+        add_ratios(rows)
     return rows
 
 

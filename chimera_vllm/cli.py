@@ -202,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.temperatures,
         args.max_new_tokens,
         eos_token_ids(tokenizer, generation_config(args.target)),
+        tune_schedule=args.tune_schedule,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
     )
@@ -377,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (needed by medusa:K methods)")
     b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     b.add_argument("--num-prompts", type=int, default=None)
+    b.add_argument(
+        "--tune-schedule",
+        action="store_true",
+        help="then run chimera:auto: vLLM's batch-size schedule with the fastest measured K per batch size",
+    )
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument(
         "--methods",

@@ -339,3 +339,25 @@ def test_medusa_baseline_exported_to_vllm_drafts_like_the_reference_decoder(trai
         assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
     finally:
         close_llm(llm)
+
+
+def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
+    """vLLM's num_speculative_tokens_per_batch_size with a Chimera draft: K = 3 while one request
+    runs, K = 1 while more do; greedy output stays the target's."""
+    _, _, _, tokenizer = pair
+    prompts = grammar_prompts(tokenizer, 6, seed=41)
+    schedule = [[1, 1, 3], [2, 512, 1]]
+    llm = make_engine(
+        pair[0], pair[1], 3, spec_extra={"num_speculative_tokens_per_batch_size": schedule}, max_num_seqs=4
+    )
+    try:
+        batched = SpecCounters.read(llm)
+        assert greedy(llm, prompts, 24, ignore_eos=True) == greedy(baseline, prompts, 24, ignore_eos=True)
+        batched = SpecCounters.read(llm) - batched
+        assert 0 < batched.draft_tokens < 3 * batched.drafts  # mostly K = 1 with 4 requests running
+        alone = SpecCounters.read(llm)
+        assert greedy(llm, prompts[:1], 24, ignore_eos=True) == greedy(baseline, prompts[:1], 24, ignore_eos=True)
+        alone = SpecCounters.read(llm) - alone
+        assert alone.draft_tokens == 3 * alone.drafts > 0
+    finally:
+        close_llm(llm)

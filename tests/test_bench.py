@@ -1,0 +1,38 @@
+"""The benchmark's bookkeeping: method names, ratios and the tuned batch-size schedule (no engines)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chimera_vllm.bench import Method, Row, add_ratios, tuned_schedule
+
+
+def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") -> Row:
+    return Row(dtype, method, batch_size, 0.0, 8, 100, 1.0, tok_s, 1.0, 1.5, [], outputs=[[1]])
+
+
+def test_methods_parse_and_print():
+    assert str(Method.parse("chimera:3")) == "chimera:3" and Method.parse("hf") == Method("hf")
+    assert str(Method("chimera", 3, ((1, 4, 3), (5, 9, 0)))) == "chimera:auto"
+    for bad in ("chimera", "none:2", "eagle:3", "hf:1"):
+        with pytest.raises(ValueError, match=bad):
+            Method.parse(bad)
+
+
+def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_speculation_loses():
+    rows = [
+        _row("none", 1, 10.0),
+        _row("chimera:2", 1, 14.0),
+        _row("chimera:3", 1, 16.0),
+        _row("none", 4, 30.0),
+        _row("chimera:2", 4, 33.0),
+        _row("chimera:3", 4, 31.0),
+        _row("none", 16, 90.0),
+        _row("chimera:2", 16, 80.0),
+        _row("chimera:3", 16, 70.0),
+        _row("none", 1, 5.0, dtype="float32"),
+        _row("chimera:2", 1, 4.0, dtype="float32"),
+    ]
+    add_ratios(rows)
+    assert tuned_schedule(rows, "bfloat16") == ((1, 1, 3), (2, 4, 2), (5, 1 << 20, 0))
+    assert tuned_schedule(rows, "float32") is None  # speculation lost everywhere: no schedule
