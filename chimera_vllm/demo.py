@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", default=TARGET)
     p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
     p.add_argument("--prompts", default=str(PROMPTS))
-    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--num-speculative-tokens", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4, help="vLLM's max_num_seqs")
     p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -199,8 +199,8 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
     assert demo.main([*args, "--batch-size", "2", "--max-new-tokens", "24", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     none, chimera = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert chimera["method"] == "chimera:3" and chimera["outputs_identical"] is True
-    line = next(x for x in printed.splitlines() if x.startswith("chimera:3"))
+    assert chimera["method"] == "chimera:2" and chimera["outputs_identical"] is True
+    line = next(x for x in printed.splitlines() if x.startswith("chimera:2"))
     assert line.split()[1:5] == [
         f"{chimera['output_tokens_per_s']:.1f}",
         f"{chimera['ms_per_output_token']:.1f}",
