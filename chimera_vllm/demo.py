@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .bench import Method, Row, check_divergences, run, write_report
+from .cli import logs_to_stderr, use_offline_hub
 from .drafts import resolve_draft
 from .fetch import PACKAGED_TARGETS
 from .prompts import encode_prompts
@@ -55,6 +56,8 @@ def summary(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_offline_hub()
+    logs_to_stderr()
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)
