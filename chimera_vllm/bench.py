@@ -225,9 +225,9 @@ def run(
         methods = [Method("none"), *methods]  # every ratio needs its baseline
     # transformers' generate runs at batch 1 only: once per dtype
     configs = [(d, m, b) for d in dtypes for b in batch_sizes for m in methods if m.name != "hf" or b == batch_sizes[0]]
-    rows: list[Row] = []
-    for dtype, method, batch_size in tqdm(configs, desc="engines", unit="engine"):
-        rows += run_engine(
+
+    def measure(dtype: str, method: Method, batch_size: int) -> list[Row]:
+        return run_engine(
             target,
             method,
             drafts,
@@ -240,27 +240,17 @@ def run(
             progress,
             **engine_args,
         )
+
+    rows: list[Row] = []
+    for dtype, method, batch_size in tqdm(configs, desc="engines", unit="engine"):
+        rows += measure(dtype, method, batch_size)
     add_ratios(rows)
     if tune_schedule:
         for dtype in dtypes:
             schedule = tuned_schedule(rows, dtype)
-            if schedule is None:
-                continue
-            auto = Method("chimera", max(k for *_, k in schedule), schedule)
-            for batch_size in batch_sizes:
-                rows += run_engine(
-                    target,
-                    auto,
-                    drafts,
-                    dtype,
-                    batch_size,
-                    prompts,
-                    max_new_tokens,
-                    temperatures,
-                    stop_token_ids,
-                    progress,
-                    **engine_args,
-                )
+            if schedule is not None:
+                auto = Method("chimera", max(k for *_, k in schedule), schedule)
+                rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
     return rows
 
