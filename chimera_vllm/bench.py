@@ -220,7 +220,8 @@ def run(
     """One engine per (dtype, method, batch size); progress shows each engine's requests too.
 
     tune_schedule: then one more Chimera engine per batch size with vLLM's batch-size schedule
-    built from the measured rows (method "chimera:auto", see tuned_schedule)."""
+    built from the measured rows (method "chimera:auto", see tuned_schedule). Greedy rows whose
+    outputs differ from no-spec's get their match rate and near-tie check (check_divergences)."""
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
     # transformers' generate runs at batch 1 only: once per dtype
@@ -252,6 +253,10 @@ def run(
                 auto = Method("chimera", max(k for *_, k in schedule), schedule)
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
+    if any(r.outputs_identical is False for r in rows):
+        from .target import load_target
+
+        check_divergences(rows, load_target(target, "float32"), prompts)
     return rows
 
 
