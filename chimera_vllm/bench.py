@@ -77,8 +77,7 @@ def tuned_schedule(rows: list[Row], dtype: str) -> tuple[tuple[int, int, int], .
         candidates = [
             r
             for r in rows
-            if r.method.startswith("chimera:") and not r.method.endswith(":auto")
-            if (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
+            if r.method.startswith("chimera:") and (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
         ]
         best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
         k = Method.parse(best.method).k if best is not None and (best.speedup or 0) > 1 else 0
@@ -274,13 +273,20 @@ def check_divergences(rows: list[Row], target, prompts: list[list[int]]) -> None
         r.match_rate, r.only_near_ties = comparison.match_rate, comparison.only_near_ties
 
 
+def identity(r: Row) -> str:
+    """Whether a greedy row's outputs equal no-spec's: yes, no (with the match rate when known), or -."""
+    if r.outputs_identical is None:
+        return "-"
+    if r.outputs_identical:
+        return "yes"
+    return "no" if r.match_rate is None else f"no ({r.match_rate:.0%} equal)"
+
+
 def markdown_table(rows: list[Row]) -> str:
     head = "| dtype | method | batch | T | tok/s | ms/token | τ | speedup | speedup/τ | identical | near-ties only |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        same = "-" if r.outputs_identical is None else ("yes" if r.outputs_identical else "no")
-        if r.match_rate is not None and not r.outputs_identical:
-            same += f" ({r.match_rate:.0%} equal)"
+        same = identity(r)
         ties = "-" if r.only_near_ties is None or r.outputs_identical else ("yes" if r.only_near_ties else "NO")
         lines.append(
             f"| {r.dtype} | {r.method} | {r.batch_size} | {r.temperature:g} | {r.output_tokens_per_s:.1f} "

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bench import Method, Row, run, write_report
+from .bench import Method, Row, identity, run, write_report
 from .cli import logs_to_stderr, use_offline_hub
 from .drafts import resolve_draft
 from .fetch import PACKAGED_TARGETS
@@ -42,10 +42,9 @@ def summary(rows: list[Row]) -> str:
     """The demo's table: one line per method, ratios against no speculation."""
     lines = [f"{'method':<12}{'tok/s':>8}{'ms/token':>10}{'τ':>7}{'speedup':>9}  identical to no-spec"]
     for r in rows:
-        same = "-" if r.outputs_identical is None else ("yes" if r.outputs_identical else "no")
+        same = identity(r)
         if r.match_rate is not None and not r.outputs_identical:
-            ties = "every divergence at a near-tie" if r.only_near_ties else "NOT only near-ties"
-            same += f" ({r.match_rate:.0%} of outputs equal; {ties})"
+            same += "; every divergence at a near-tie" if r.only_near_ties else "; NOT only near-ties"
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         lines.append(
             f"{r.method:<12}{r.output_tokens_per_s:>8.1f}{r.ms_per_output_token:>10.1f}"

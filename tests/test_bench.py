@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chimera_vllm.bench import Method, Row, add_ratios, tuned_schedule
+from chimera_vllm.bench import Method, Row, add_ratios, identity, tuned_schedule
 
 
 def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") -> Row:
@@ -36,3 +36,13 @@ def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_specul
     add_ratios(rows)
     assert tuned_schedule(rows, "bfloat16") == ((1, 1, 3), (2, 4, 2), (5, 1 << 20, 0))
     assert tuned_schedule(rows, "float32") is None  # speculation lost everywhere: no schedule
+
+
+def test_identity_cell_reports_the_match_rate_when_known():
+    rows = [_row("none", 1, 10.0), _row("chimera:2", 1, 9.0), _row("ngram:3", 1, 9.0)]
+    rows[2].outputs = [[2]]
+    add_ratios(rows)
+    assert [identity(r) for r in rows] == ["yes", "yes", "no"]
+    rows[2].match_rate = 0.25
+    assert identity(rows[2]) == "no (25% equal)"
+    assert identity(_row("hf", 1, 5.0)) == "-"  # no ratios computed: no baseline compared
