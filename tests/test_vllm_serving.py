@@ -34,6 +34,14 @@ def pair(trained_pair, tmp_path_factory):
     return target_dir, draft_dir, target, tokenizer
 
 
+def prompts_file(tmp_path, tokenizer, n: int, seed: int):
+    """n grammar prompts as a raw-text prompts file."""
+    path = tmp_path / "prompts.jsonl"
+    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, n, seed=seed)]
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
 def reference(target, prompts: list[list[int]], max_new_tokens: int, eos: int) -> list[list[int]]:
     outputs, _ = SpeculativeDecoder(target).generate(prompts, max_new_tokens, {eos})
     return outputs
@@ -144,9 +152,7 @@ def test_server_stops_cleanly_on_sigterm(server):
 
 def test_generate_with_vllm_matches_the_reference_engine(pair, tmp_path, capsys):
     target_dir, draft_dir, _, tokenizer = pair
-    prompts = tmp_path / "prompts.jsonl"
-    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 5, seed=19)]
-    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    prompts = prompts_file(tmp_path, tokenizer, 5, seed=19)
     common = ["generate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
     common += ["--max-new-tokens", "24", "--json"]
     assert cli.main([*common, "--engine", "hf"]) == 0
@@ -169,9 +175,7 @@ def test_generate_with_vllm_matches_the_reference_engine(pair, tmp_path, capsys)
 
 def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
     target_dir, draft_dir, _, tokenizer = pair
-    prompts = tmp_path / "prompts.jsonl"
-    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 6, seed=23)]
-    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    prompts = prompts_file(tmp_path, tokenizer, 6, seed=23)
     out = tmp_path / "report" / "throughput"
     args = ["bench", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
     args += ["--methods", "chimera:3", "hf", "--batch-sizes", "2", "--dtypes", "float32", "--max-new-tokens", "24"]
@@ -191,9 +195,7 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
 def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
     """The main job's code path (python -m chimera_vllm.demo), on the tiny pair instead of SmolLM2."""
     target_dir, draft_dir, _, tokenizer = pair
-    prompts = tmp_path / "prompts.jsonl"
-    texts = [tokenizer.decode(p) for p in grammar_prompts(tokenizer, 6, seed=29)]
-    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    prompts = prompts_file(tmp_path, tokenizer, 6, seed=29)
     out = tmp_path / "demo" / "report"
     args = ["--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
     assert demo.main([*args, "--batch-size", "2", "--max-new-tokens", "24", "--out", str(out)]) == 0
