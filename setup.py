@@ -24,6 +24,8 @@ setup(
         # reading the GGUF files real targets ship in (chimera-vllm fetch-target)
         "gguf>=0.10",
         "accelerate",
+        # vLLM's serving benchmark client reads its prompt file with pandas (chimera-vllm bench-serving)
+        "pandas",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -330,21 +330,25 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
-    """out.json (every row, with the run's machine and versions), out.md (the table) and out.png."""
+def run_info(command: str) -> dict:
+    """When, where and with what a benchmark ran: the header of every report."""
     import torch
     import vllm
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {
+    return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, {os.cpu_count()} CPUs",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "command": command,
-        **extra,
     }
+
+
+def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
+    """out.json (every row, with the run's machine and versions), out.md (the table) and out.png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {**run_info(command), **extra}
     out.with_suffix(".json").write_text(
         json.dumps({**info, "rows": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows]}, indent=1)
     )

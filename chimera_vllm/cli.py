@@ -218,6 +218,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"written to {args.out}.json, .md and .png")
 
 
+def cmd_bench_serving(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench import Method
+    from .serving_bench import Load, markdown_table, run, server_args, write_report
+
+    loads = [Load(concurrency=c) for c in args.concurrency] + [Load(request_rate=r) for r in args.request_rates]
+    rows = run(
+        args.target,
+        {"chimera": args.draft, "medusa": args.medusa},
+        [Method.parse(m) for m in args.methods],
+        loads,
+        args.prompts,
+        args.num_prompts,
+        args.max_new_tokens,
+        server_args(args.dtype, args.max_model_len, args.vllm_args),
+        args.temperature,
+        args.timeout,
+    )
+    print(markdown_table(rows))
+    if args.out:
+        command = "chimera-vllm " + " ".join(sys.argv[1:])
+        extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
+        write_report(rows, Path(args.out), command, extra)
+        print(f"written to {args.out}.json, .md and .png")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
@@ -394,6 +421,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
     b.set_defaults(func=cmd_bench)
 
+    bs = sub.add_parser(
+        "bench-serving",
+        help="the OpenAI-compatible server under load: TTFT, TPOT, latency percentiles (benchmarks/serving.py); "
+        "other arguments go to vLLM's server",
+    )
+    bs.add_argument("--target", required=True)
+    bs.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
+    bs.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
+    bs.add_argument("--methods", nargs="+", default=["none", "chimera:2"], help="none, ngram:K, chimera:K, medusa:K")
+    bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
+    bs.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="loads: requests in flight")
+    bs.add_argument(
+        "--request-rates", type=float, nargs="*", default=[1.0, 4.0], help="loads: Poisson arrivals, requests/s"
+    )
+    bs.add_argument("--max-new-tokens", type=int, default=128)
+    bs.add_argument("--temperature", type=float, default=0.0)
+    bs.add_argument("--dtype", default="bfloat16")
+    bs.add_argument("--max-model-len", type=int, default=2048)
+    bs.add_argument("--timeout", type=float, default=600, help="seconds one load may take")
+    bs.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
+    bs.set_defaults(func=cmd_bench_serving)
+
     v = sub.add_parser(
         "serve",
         help="vLLM's OpenAI-compatible server for TARGET with a Chimera draft; other arguments go to vLLM",
@@ -427,7 +477,7 @@ def logs_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "bench-serving"):
         args.vllm_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -437,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         args.draft = resolve_draft(args.draft)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FetchError) as e:  # our errors name the bad value
+    except (ValueError, FileNotFoundError, FetchError, TimeoutError) as e:  # our errors name the bad value
         print(f"chimera-vllm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from chimera_vllm import cli, demo
+from chimera_vllm import cli, demo, serving_bench
+from chimera_vllm.bench import Method
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.tiny import grammar_prompts
 from chimera_vllm.vllm_engine import close_llm
@@ -67,38 +66,13 @@ def test_a_draft_directory_serves_its_verifier(pair):
         close_llm(llm)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pair):
     """`chimera-vllm serve TARGET --speculative-model DRAFT` on 127.0.0.1, stopped at the end."""
     target_dir, draft_dir, _, _ = pair
-    port = _free_port()
     cmd = [sys.executable, "-m", "chimera_vllm.cli", "serve", str(target_dir), "--speculative-model", str(draft_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", *ENGINE_ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stderr.read()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the server did not become healthy in 300 s")
-        time.sleep(1)
-    yield base, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    with serving_bench.serve([*cmd, "--served-model-name", "tiny", *ENGINE_ARGS], timeout_s=300) as running:
+        yield running
 
 
 def _ask(client, kind: str, stream: bool, text: str) -> str:
@@ -142,6 +116,23 @@ def test_too_long_request_is_refused_and_the_server_keeps_serving(pair, server):
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="tiny", prompt="a" * 600, max_tokens=8)
     assert _ask(client, "completion", False, "the cat ")
+
+
+def test_serving_benchmark_measures_a_load_on_the_chimera_server(pair, server, tmp_path):
+    """vLLM's serving client through serving_bench: every request completes, latencies are
+    ordered percentiles, and the trained draft's tokens are accepted."""
+    target_dir, _, _, tokenizer = pair
+    load = serving_bench.Load(concurrency=4)
+    result = serving_bench.measure_load(
+        server[0], "tiny", prompts_file(tmp_path, tokenizer, 8, seed=23), load, 8, 24, tokenizer=str(target_dir)
+    )
+    row = serving_bench.ServingRow.from_vllm(Method("chimera", 4), load, result)
+    assert (row.requests, row.completed) == (8, 8)
+    for stats in (row.ttft_ms, row.tpot_ms, row.e2el_ms):
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert row.e2el_ms["p50"] > row.ttft_ms["p50"]
+    assert row.mean_accepted_length > 1.5
+    assert row.output_tokens_per_s > 0
 
 
 def test_server_stops_cleanly_on_sigterm(server):

@@ -1,0 +1,329 @@
+"""Latency of vLLM's OpenAI-compatible server under load, with and without speculation.
+
+One server per method on 127.0.0.1; for each load, vLLM's own serving client (the one
+``vllm bench serve`` runs, :mod:`vllm.benchmarks.serve`) sends the prompts, streams the
+answers and measures time to first token (TTFT), time per output token after the first
+(TPOT) and end-to-end latency (E2EL). A load is either a concurrency level (that many
+requests in flight, the next one sent when one finishes) or a request rate (Poisson
+arrivals, no limit in flight). Every load is bounded: at most ``num_prompts`` requests and
+``timeout_s`` seconds. Ratios compare each method with no speculation at the same load.
+Used by ``chimera-vllm bench-serving`` and ``benchmarks/serving.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from .bench import Method
+from .prompts import read_prompts
+
+PERCENTILES = (50, 90, 99)
+METRICS = ("ttft", "tpot", "e2el")
+
+
+@dataclass(frozen=True)
+class Load:
+    """Most requests in flight (None: no limit) and the arrival rate in requests/s (inf: all at once)."""
+
+    concurrency: int | None = None
+    request_rate: float = math.inf
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency {self.concurrency}: must be at least 1")
+        if not self.request_rate > 0:
+            raise ValueError(f"request rate {self.request_rate}: must be above 0 requests/s")
+        if self.concurrency is None and self.request_rate == math.inf:
+            raise ValueError("a load needs a concurrency limit or a finite request rate")
+
+    def __str__(self) -> str:
+        if self.request_rate == math.inf:
+            return f"{self.concurrency} in flight"
+        rate = f"{self.request_rate:g} req/s"
+        return rate if self.concurrency is None else f"{rate}, ≤{self.concurrency} in flight"
+
+
+@dataclass
+class ServingRow:
+    method: str
+    load: str
+    concurrency: int | None
+    request_rate: float | None  # None: all at once
+    requests: int
+    completed: int
+    duration_s: float
+    output_tokens_per_s: float
+    requests_per_s: float
+    mean_accepted_length: float
+    ttft_ms: dict[str, float]  # "mean", "p50", "p90", "p99"
+    tpot_ms: dict[str, float]
+    e2el_ms: dict[str, float]
+    speedup: float | None = None  # output tokens/s over no speculation's at the same load
+    tpot_ratio: float | None = None  # median TPOT of no speculation / this one's (>1: faster)
+
+    @classmethod
+    def from_vllm(cls, method: Method, load: Load, result: dict) -> ServingRow:
+        """One row from the result dict of vllm.benchmarks.serve."""
+
+        def stats(metric: str) -> dict[str, float]:
+            keys = {"mean": f"mean_{metric}_ms", **{f"p{p}": f"p{p}_{metric}_ms" for p in PERCENTILES}}
+            return {name: float(result[key]) for name, key in keys.items()}
+
+        return cls(
+            method=str(method),
+            load=str(load),
+            concurrency=load.concurrency,
+            request_rate=None if load.request_rate == math.inf else load.request_rate,
+            requests=int(result["num_prompts"]),
+            completed=int(result["completed"]),
+            duration_s=float(result["duration"]),
+            output_tokens_per_s=float(result["output_throughput"]),
+            requests_per_s=float(result["request_throughput"]),
+            mean_accepted_length=float(result.get("spec_decode_acceptance_length", 1.0)),
+            ttft_ms=stats("ttft"),
+            tpot_ms=stats("tpot"),
+            e2el_ms=stats("e2el"),
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(target: str, spec: dict | None, server_args: list[str]) -> list[str]:
+    """vLLM's OpenAI-compatible server for target with speculative config spec (the module form
+    works where the `vllm` script does not)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, *server_args]
+    return cmd + (["--speculative-config", json.dumps(spec)] if spec else [])
+
+
+@contextlib.contextmanager
+def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended).
+
+    Yields its base URL and process once /health answers; stops it with SIGTERM on exit.
+    Fails with the server's last log lines if it exits or is not healthy within timeout_s.
+    """
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, proc, log, timeout_s)
+            yield base, proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the vLLM server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the vLLM server at {base} was not healthy within {timeout_s:g} s")
+        time.sleep(1)
+
+
+def server_args(dtype: str, max_model_len: int, extra: list[str] = ()) -> list[str]:
+    """The server's command-line arguments: the platform's engine defaults (eager and a fixed KV
+    cache on CPU, see vllm_engine.engine_defaults), dtype and context length, then extra."""
+    from .vllm_engine import engine_defaults
+
+    args = ["--dtype", dtype, "--max-model-len", str(max_model_len)]
+    for key, value in engine_defaults().items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args + list(extra)
+
+
+def measure_load(
+    base_url: str,
+    model: str,
+    prompts_path: str | Path,
+    load: Load,
+    num_prompts: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    timeout_s: float = 600,
+    seed: int = 0,
+    tokenizer: str | None = None,
+) -> dict:
+    """vLLM's serving benchmark client against a running server: its result dict.
+
+    The prompts (any format read_prompts accepts) go in file order; chat prompts are
+    rendered with the server tokenizer's chat template by the client. Raises TimeoutError
+    when the load takes longer than timeout_s. tokenizer: where the client finds the served
+    model's tokenizer (to count tokens), when the server's model name is not a path or hub name."""
+    from vllm.benchmarks.serve import add_cli_args, main_async
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    prompts = read_prompts(prompts_path)
+    if len({p.chat for p in prompts}) > 1:
+        raise ValueError(f"{prompts_path}: mixes chat and raw-text prompts; the serving client renders one kind")
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = Path(tmp) / "prompts.jsonl"
+        dataset.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
+        argv = [
+            "--backend", "openai-chat" if prompts[0].chat else "openai",
+            "--endpoint", "/v1/chat/completions" if prompts[0].chat else "/v1/completions",
+            "--base-url", base_url,
+            "--model", model,
+            "--dataset-name", "custom",
+            "--dataset-path", str(dataset),
+            "--disable-shuffle",
+            "--skip-chat-template",  # the chat endpoint applies the template on the server
+            "--num-prompts", str(min(num_prompts, len(prompts))),
+            "--custom-output-len", str(max_new_tokens),
+            "--temperature", str(temperature),
+            "--request-rate", str(load.request_rate),
+            "--percentile-metrics", ",".join(METRICS),
+            "--metric-percentiles", ",".join(map(str, PERCENTILES)),
+            "--num-warmups", "1",
+            "--seed", str(seed),
+            "--disable-tqdm",
+        ]  # fmt: skip
+        if tokenizer is not None:
+            argv += ["--tokenizer", tokenizer]
+        if load.concurrency is not None:
+            argv += ["--max-concurrency", str(load.concurrency)]
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        args = parser.parse_args(argv)
+        try:
+            return asyncio.run(asyncio.wait_for(main_async(args), timeout_s))
+        except TimeoutError as e:
+            raise TimeoutError(f"load {load} took longer than {timeout_s:g} s") from e
+
+
+def run(
+    target: str,
+    drafts: dict[str, str | None],
+    methods: list[Method],
+    loads: list[Load],
+    prompts_path: str | Path,
+    num_prompts: int,
+    max_new_tokens: int,
+    server_args: list[str],
+    temperature: float = 0.0,
+    timeout_s: float = 600,
+) -> list[ServingRow]:
+    """One server per method (no speculation first: every ratio needs it), every load against each."""
+    from tqdm.auto import tqdm
+
+    if Method("none") not in methods:
+        methods = [Method("none"), *methods]
+    if any(m.name == "hf" for m in methods):
+        raise ValueError("method hf: transformers' generate is not a server; use none, ngram:K, chimera:K or medusa:K")
+    rows: list[ServingRow] = []
+    bar = tqdm(total=len(methods) * len(loads), desc="loads", unit="load")
+    for method in methods:
+        with serve(server_command(target, method.spec(drafts), server_args)) as (base, _):
+            for load in loads:
+                bar.set_postfix_str(f"{method}, {load}")
+                result = measure_load(
+                    base, target, prompts_path, load, num_prompts, max_new_tokens, temperature, timeout_s
+                )
+                rows.append(ServingRow.from_vllm(method, load, result))
+                bar.update()
+    bar.close()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[ServingRow]) -> None:
+    base = {r.load: r for r in rows if r.method == "none"}
+    for r in rows:
+        b = base.get(r.load)
+        if b is not None:
+            r.speedup = r.output_tokens_per_s / b.output_tokens_per_s
+            r.tpot_ratio = b.tpot_ms["p50"] / r.tpot_ms["p50"]
+
+
+def markdown_table(rows: list[ServingRow]) -> str:
+    head = (
+        "| method | load | done | tok/s | req/s | τ | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+        "| E2EL p50 / p99 s | speedup | TPOT gain |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {r.load} | {r.completed}/{r.requests} | {r.output_tokens_per_s:.1f} "
+            f"| {r.requests_per_s:.2f} | {r.mean_accepted_length:.2f} "
+            f"| {r.ttft_ms['p50']:.0f} / {r.ttft_ms['p99']:.0f} | {r.tpot_ms['p50']:.1f} / {r.tpot_ms['p99']:.1f} "
+            f"| {r.e2el_ms['p50'] / 1e3:.2f} / {r.e2el_ms['p99'] / 1e3:.2f} "
+            f"| {_ratio(r.speedup)} | {_ratio(r.tpot_ratio)} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def plot(rows: list[ServingRow], path: Path) -> None:
+    """Median (bar) and p99 (whisker) TTFT, TPOT and E2EL per load, one group of bars per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = list(dict.fromkeys(r.load for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    for ax, metric in zip(axes, METRICS):
+        for i, method in enumerate(methods):
+            by_load = {r.load: getattr(r, f"{metric}_ms") for r in rows if r.method == method}
+            xs = [j + i * width for j, load in enumerate(loads) if load in by_load]
+            p50 = [by_load[load]["p50"] for load in loads if load in by_load]
+            p99 = [by_load[load]["p99"] for load in loads if load in by_load]
+            ax.bar(xs, p50, width, label=method, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]], capsize=3)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(loads))], loads, rotation=20, fontsize=8)
+        ax.set(ylabel=f"{metric.upper()} ms (bar p50, whisker p99)", title=metric.upper())
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: list[ServingRow], out: Path, command: str, extra: dict) -> None:
+    """out.json (every row, machine and versions), out.md (the table) and out.png."""
+    from .bench import run_info
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {**run_info(command), **extra}
+    out.with_suffix(".json").write_text(json.dumps({**info, "rows": [asdict(r) for r in rows]}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    out.with_suffix(".md").write_text(
+        f"# Serving latency under load\n\n{header}\n\n{markdown_table(rows)}\n\n![]({out.name}.png)\n"
+    )

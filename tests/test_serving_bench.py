@@ -1,0 +1,84 @@
+"""The serving benchmark's bookkeeping: loads, rows from vLLM's client results, ratios, report
+(no servers; test_vllm_serving.py measures a load on a real one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chimera_vllm import cli
+from chimera_vllm.bench import Method
+from chimera_vllm.serving_bench import PERCENTILES, Load, ServingRow, add_ratios, markdown_table, plot, server_args
+
+
+def _result(tok_s: float, tpot_ms: float, tau: float | None = None) -> dict:
+    """A result dict in the shape vllm.benchmarks.serve returns (the keys ServingRow reads)."""
+    result = {
+        "num_prompts": 10,
+        "completed": 10,
+        "duration": 12.5,
+        "output_throughput": tok_s,
+        "request_throughput": 0.8,
+    }
+    for metric, base in (("ttft", 40.0), ("tpot", tpot_ms), ("e2el", 128 * tpot_ms)):
+        result[f"mean_{metric}_ms"] = base * 1.1
+        result.update({f"p{p}_{metric}_ms": base * (1 + p / 100) for p in PERCENTILES})
+    if tau is not None:
+        result["spec_decode_acceptance_length"] = tau
+    return result
+
+
+def test_loads_print_and_refuse_bad_values_by_name():
+    assert str(Load(concurrency=4)) == "4 in flight"
+    assert str(Load(request_rate=2.0)) == "2 req/s"
+    assert str(Load(concurrency=8, request_rate=0.5)) == "0.5 req/s, ≤8 in flight"
+    with pytest.raises(ValueError, match="concurrency 0"):
+        Load(concurrency=0)
+    with pytest.raises(ValueError, match="request rate -1"):
+        Load(request_rate=-1.0)
+    with pytest.raises(ValueError, match="concurrency limit or a finite request rate"):
+        Load()
+
+
+def test_rows_and_ratios_against_no_speculation_at_the_same_load(tmp_path):
+    one, rate = Load(concurrency=1), Load(request_rate=2.0)
+    rows = [
+        ServingRow.from_vllm(Method("none"), one, _result(50.0, 20.0)),
+        ServingRow.from_vllm(Method("chimera", 2), one, _result(75.0, 12.5, tau=1.6)),
+        ServingRow.from_vllm(Method("none"), rate, _result(80.0, 25.0)),
+        ServingRow.from_vllm(Method("chimera", 2), rate, _result(60.0, 30.0, tau=1.4)),
+    ]
+    add_ratios(rows)
+    assert rows[0].mean_accepted_length == 1.0 and rows[1].mean_accepted_length == 1.6
+    assert rows[1].request_rate is None and rows[3].request_rate == 2.0
+    assert rows[1].tpot_ms["p50"] == pytest.approx(12.5 * 1.5)
+    assert rows[1].speedup == pytest.approx(1.5) and rows[1].tpot_ratio == pytest.approx(20.0 / 12.5)
+    assert rows[3].speedup == pytest.approx(0.75) and rows[3].tpot_ratio == pytest.approx(25.0 / 30.0)
+    assert rows[0].speedup == pytest.approx(1.0)
+    table = markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| chimera:2 | 2 req/s | 10/10 |" in table and "1.50x" in table
+    plot(rows, tmp_path / "serving.png")
+    assert (tmp_path / "serving.png").stat().st_size > 10_000
+    json.dumps([r.__dict__ for r in rows])  # the report's rows are plain JSON
+
+
+def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
+    args = server_args("float32", 1024, ["--max-num-seqs", "8"])
+    assert args[:4] == ["--dtype", "float32", "--max-model-len", "1024"]
+    assert args[-2:] == ["--max-num-seqs", "8"]
+    assert ("--enforce-eager" in args) == (not torch.cuda.is_available())  # vLLM compiles for minutes on CPU
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--concurrency", "0"], "concurrency 0"),
+        (["--request-rates", "0"], "request rate 0"),
+        (["--methods", "hf"], "method hf"),
+    ],
+)
+def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(argv, named, capsys):
+    assert cli.main(["bench-serving", "--target", "unused", *argv]) == 2
+    assert named in capsys.readouterr().err
