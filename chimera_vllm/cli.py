@@ -379,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mse-weight", type=float, default=1.0)
     t.add_argument("--kl-weight", type=float, default=0.0)
     t.add_argument(
+        "--labels",
+        choices=["data", "target"],
+        default="data",
+        help="what each head learns to propose: the data's next tokens, or the target's greedy choice after "
+        "the data's prefix (what greedy verification accepts; differs from the data on sampled answers)",
+    )
+    t.add_argument(
         "--draft-vocab-size",
         type=int,
         default=None,

@@ -28,6 +28,7 @@ from chimera_vllm.training.objective import (
     ChimeraObjective,
     LossWeights,
     draft_steps,
+    greedy_next_tokens,
     shift_right,
     verified_context_mask,
 )
@@ -296,3 +297,40 @@ def test_hidden_cache_trains_like_the_live_target_and_is_reused(llama_dir, small
     write_sequences(other, read_sequences(small_data)[:10])
     train(_args(llama_dir, other, tmp_path / "other", steps=1, hidden_cache=str(cache)))
     assert len(HiddenCache(cache).offsets) == 11
+
+
+def test_greedy_next_tokens_are_the_targets_argmax_after_every_position(llama_target):
+    ids = torch.randint(5, 100, (3, 17), generator=torch.Generator().manual_seed(5))
+    hidden = final_hidden(llama_target, ids)
+    expected = llama_target(ids).logits.argmax(-1)
+    got = greedy_next_tokens(hidden, TargetParts.from_model(llama_target).lm_head_weight, chunk=7)
+    assert torch.equal(got, expected)
+
+
+def test_target_labels_train_toward_the_targets_greedy_choice(llama_target, llama_dir, tmp_path):
+    """On data that is not the target's greedy output, --labels target trains the heads on the
+    target's argmax (the loss with those labels falls), and --labels data on the data's tokens."""
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(torch.randint(5, 100, (30,), generator=g).tolist(), 3) for _ in range(8)]
+    data = tmp_path / "random.jsonl"
+    write_sequences(data, seqs)
+    ids = torch.tensor([s.input_ids for s in seqs])
+    hidden = final_hidden(llama_target, ids)
+    parts = TargetParts.from_model(llama_target)
+    greedy = greedy_next_tokens(hidden, parts.lm_head_weight)[:, :-1]
+    assert (greedy != ids[:, 1:]).float().mean() > 0.5  # random data: the labels differ
+
+    def ce_against_greedy(run) -> float:
+        draft = ChimeraDraft.from_pretrained(run, llama_target.config)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        _, metrics = ChimeraObjective(draft, parts, LossWeights((1.0,), mse=0.0))(ids, hidden, mask, greedy)
+        return metrics["ce_0"]
+
+    kw = dict(num_heads=1, steps=30, batch_size=8, lr=3e-3, warmup_steps=2)
+    start = train(_args(llama_dir, data, tmp_path / "start", **{**kw, "steps": 1, "lr": 1e-9}))
+    on_target = train(_args(llama_dir, data, tmp_path / "target", labels="target", **kw))
+    on_data = train(_args(llama_dir, data, tmp_path / "data", **kw))
+    assert ce_against_greedy(on_target) < 0.7 * ce_against_greedy(start)
+    assert ce_against_greedy(on_target) < ce_against_greedy(on_data)
+    with pytest.raises(ValueError, match="labels 'argmax'"):
+        train(_args(llama_dir, data, tmp_path / "bad", labels="argmax"))

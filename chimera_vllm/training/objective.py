@@ -79,6 +79,21 @@ class LossWeights:
         return cls(tuple(decay**k for k in range(num_steps)), mse, kl)
 
 
+def greedy_next_tokens(hidden: Tensor, lm_head_weight: Tensor, chunk: int = 1024) -> Tensor:
+    """The target's greedy choice after every position: argmax of h_p's logits, [B, T].
+
+    As labels they teach the draft what greedy verification accepts. On greedy data they
+    equal the data's next tokens; on sampled data (more diverse prefixes) they replace
+    the sampled token with the one the target would have picked. Chunked over positions:
+    full-vocabulary logits of a whole batch would take gigabytes."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], chunk):
+            out[start : start + chunk] = F.linear(flat[start : start + chunk], lm_head_weight).argmax(-1)
+    return out.view(hidden.shape[:-1])
+
+
 class ChimeraObjective(nn.Module):
     """Wraps the draft so that one forward() computes the loss (what DDP needs to wrap)."""
 
@@ -115,10 +130,15 @@ class ChimeraObjective(nn.Module):
         index[vocab] = torch.arange(len(vocab), device=labels.device)
         return index[labels], self.parts.lm_head_weight.index_select(0, vocab)
 
-    def forward(self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H]."""
+    def forward(
+        self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor, next_tokens: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H].
+
+        next_tokens [B, T - 1]: the token each query p learns to propose for position p + 1;
+        by default the data's own x_{p+1} (see greedy_next_tokens for the alternative)."""
         T = input_ids.shape[1]
-        labels, teacher_rows = self._draft_vocab_labels(input_ids[:, 1:])
+        labels, teacher_rows = self._draft_vocab_labels(input_ids[:, 1:] if next_tokens is None else next_tokens)
         total = hidden.new_zeros(())
         metrics: dict[str, float] = {}
         for k, h_hat, anchor in draft_steps(self.draft, self.parts, input_ids, hidden, len(self.weights.step_weights)):

@@ -26,7 +26,7 @@ from ..model import ChimeraDraft, TargetParts
 from ..target import final_hidden, load_target
 from .data import batch_indices, collate, frequent_response_tokens, read_sequences
 from .hidden_cache import HiddenCache, cache_key, open_hidden_cache
-from .objective import ChimeraObjective, LossWeights
+from .objective import ChimeraObjective, LossWeights, greedy_next_tokens
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TrainArgs:
     step_decay: float = 0.8
     mse_weight: float = 1.0
     kl_weight: float = 0.0
+    labels: str = "data"  # "data": the data's next tokens; "target": the target's greedy choice there
     draft_vocab_size: int | None = None  # train (and draft) over the data's most frequent tokens only
     hidden_cache: str | None = None  # file for the target's hidden states, computed once for all epochs
     save_every: int = 200
@@ -57,6 +58,9 @@ class TrainArgs:
     dtype: str = "float32"
     resume: bool = True
     progress: bool = True
+
+
+LABEL_SOURCES = ("data", "target")
 
 
 def learning_rate(args: TrainArgs, step: int) -> float:
@@ -132,6 +136,8 @@ def _distributed() -> tuple[int, int]:
 
 def train(args: TrainArgs) -> Path:
     """Train a Chimera draft; returns the run directory (which holds the final draft)."""
+    if args.labels not in LABEL_SOURCES:
+        raise ValueError(f"labels {args.labels!r}: use one of {', '.join(LABEL_SOURCES)}")
     rank, world = _distributed()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
@@ -188,7 +194,8 @@ def train(args: TrainArgs) -> Path:
                 hidden = final_hidden(target, ids, attn.long())
         chimera_objective.reseed(args.seed * 1_000_003 + step * world + rank)
         with autocast:
-            loss, metrics = objective(ids, hidden, labels)
+            next_tokens = greedy_next_tokens(hidden, parts.lm_head_weight)[:, :-1] if args.labels == "target" else None
+            loss, metrics = objective(ids, hidden, labels, next_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), args.grad_clip)
