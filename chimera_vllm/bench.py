@@ -282,22 +282,27 @@ def identity(r: Row) -> str:
     return "no" if r.match_rate is None else f"no ({r.match_rate:.0%} equal)"
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def markdown_table(rows: list[Row]) -> str:
-    head = "| dtype | method | batch | T | tok/s | ms/token | τ | speedup | speedup/τ | identical | near-ties only |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    header = "dtype method batch T tok/s ms/token τ speedup speedup/τ identical".split() + ["near-ties only"]
+    cells = []
     for r in rows:
-        same = identity(r)
         ties = "-" if r.only_near_ties is None or r.outputs_identical else ("yes" if r.only_near_ties else "NO")
-        lines.append(
-            f"| {r.dtype} | {r.method} | {r.batch_size} | {r.temperature:g} | {r.output_tokens_per_s:.1f} "
-            f"| {r.ms_per_output_token:.1f} | {r.mean_accepted_length:.2f} | {_fmt(r.speedup)} "
-            f"| {_fmt(r.speedup_over_tau)} | {same} | {ties} |"
+        cells.append(
+            [r.dtype, r.method, str(r.batch_size), f"{r.temperature:g}", f"{r.output_tokens_per_s:.1f}"]
+            + [f"{r.ms_per_output_token:.1f}", f"{r.mean_accepted_length:.2f}", ratio_cell(r.speedup)]
+            + [ratio_cell(r.speedup_over_tau), identity(r), ties]
         )
-    return "\n".join(lines)
+    return markdown(header, cells)
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def ratio_cell(x: float | None, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.2f}{suffix}"
 
 
 def plot(rows: list[Row], path: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from .bench import Method
+from .bench import Method, markdown, ratio_cell
 from .prompts import read_prompts
 
 PERCENTILES = (50, 90, 99)
@@ -269,24 +269,19 @@ def add_ratios(rows: list[ServingRow]) -> None:
 
 
 def markdown_table(rows: list[ServingRow]) -> str:
-    head = (
-        "| method | load | done | tok/s | req/s | τ | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
-        "| E2EL p50 / p99 s | speedup | TPOT gain |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r.method} | {r.load} | {r.completed}/{r.requests} | {r.output_tokens_per_s:.1f} "
-            f"| {r.requests_per_s:.2f} | {r.mean_accepted_length:.2f} "
-            f"| {r.ttft_ms['p50']:.0f} / {r.ttft_ms['p99']:.0f} | {r.tpot_ms['p50']:.1f} / {r.tpot_ms['p99']:.1f} "
-            f"| {r.e2el_ms['p50'] / 1e3:.2f} / {r.e2el_ms['p99'] / 1e3:.2f} "
-            f"| {_ratio(r.speedup)} | {_ratio(r.tpot_ratio)} |"
-        )
-    return "\n".join(lines)
+    header = ["method", "load", "done", "tok/s", "req/s", "τ", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms"]
+    header += ["E2EL p50 / p99 s", "speedup", "TPOT gain"]
+    cells = [
+        [r.method, r.load, f"{r.completed}/{r.requests}", f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}"]
+        + [f"{r.mean_accepted_length:.2f}", _p50_p99(r.ttft_ms, "{:.0f}"), _p50_p99(r.tpot_ms, "{:.1f}")]
+        + [_p50_p99(r.e2el_ms, "{:.2f}", 1e-3), ratio_cell(r.speedup, "x"), ratio_cell(r.tpot_ratio, "x")]
+        for r in rows
+    ]
+    return markdown(header, cells)
 
 
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+def _p50_p99(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:
+    return f"{fmt.format(stats['p50'] * scale)} / {fmt.format(stats['p99'] * scale)}"
 
 
 def plot(rows: list[ServingRow], path: Path) -> None:
