@@ -306,14 +306,15 @@ def ratio_cell(x: float | None, suffix: str = "") -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Throughput against batch size per method (one panel per dtype and temperature)."""
+    """Throughput against batch size per method (one panel per dtype and temperature), and the
+    acceptance rate by draft position of each speculative method (at its smallest batch size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({(r.dtype, r.temperature) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
     for ax, (dtype, temperature) in zip(axes[0], panels):
         for method in dict.fromkeys(r.method for r in rows):
             pts = sorted(
@@ -323,12 +324,23 @@ def plot(rows: list[Row], path: Path) -> None:
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(
-            xscale="log",
-            xlabel="batch size (max_num_seqs)",
-            ylabel="output tokens/s",
-            title=f"{dtype}, T={temperature:g}",
-        )
+        sizes = sorted({r.batch_size for r in rows})
+        ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s")
+        ax.set(title=f"{dtype}, T={temperature:g}", xticks=sizes, xticklabels=[str(b) for b in sizes])
+        ax.minorticks_off()
+        ax.legend()
+    ax = axes[0][-1]
+    smallest: dict[tuple, Row] = {}
+    for r in rows:
+        key = (r.method, r.dtype, r.temperature)
+        if r.acceptance_by_position and (key not in smallest or r.batch_size < smallest[key].batch_size):
+            smallest[key] = r
+    for (method, dtype, temperature), r in smallest.items():
+        label = method if len(panels) == 1 else f"{method}, {dtype}, T={temperature:g}"
+        ax.plot(range(1, len(r.acceptance_by_position) + 1), r.acceptance_by_position, marker="o", label=label)
+    ax.set(xlabel="draft position", ylabel="accepted per drafting step", title="acceptance by position", ylim=(0, 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if smallest:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
