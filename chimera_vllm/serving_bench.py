@@ -241,6 +241,8 @@ def run(
 
     if Method("none") not in methods:
         methods = [Method("none"), *methods]
+    if not loads:
+        raise ValueError("no loads: give concurrency levels or request rates")
     if any(m.name == "hf" for m in methods):
         raise ValueError("method hf: transformers' generate is not a server; use none, ngram:K, chimera:K or medusa:K")
     rows: list[ServingRow] = []

@@ -77,6 +77,7 @@ def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
         (["--concurrency", "0"], "concurrency 0"),
         (["--request-rates", "0"], "request rate 0"),
         (["--methods", "hf"], "method hf"),
+        (["--concurrency", "--request-rates"], "no loads"),
     ],
 )
 def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(argv, named, capsys):
