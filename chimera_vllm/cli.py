@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--limit", type=int, default=None, help="use this many prompts (a seeded sample)")
+    m.add_argument("--max-prompt-tokens", type=int, default=None, help="skip prompts longer than this (chat-rendered)")
     m.add_argument("--dtype", default="bfloat16")
+    m.add_argument("--device", default="cpu", help="(hf engine) e.g. cuda")
     m.set_defaults(func=cmd_make_data)
 
     t = sub.add_parser("train", help="train a Chimera draft by distillation (runs under torchrun too)")

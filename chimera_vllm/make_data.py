@@ -41,7 +41,9 @@ class MakeDataArgs:
     seed: int = 0
     batch_size: int = 32
     limit: int | None = None
+    max_prompt_tokens: int | None = None  # skip longer prompts (they leave no room to train on)
     dtype: str = "bfloat16"
+    device: str = "cpu"  # hf engine
     progress: bool = True
     vllm_args: dict = field(default_factory=dict)
 
@@ -79,7 +81,7 @@ def _complete_batches(path: Path, batch_size: int) -> int:
 
 class HFEngine:
     def __init__(self, args: MakeDataArgs):
-        self.target = load_target(args.target, args.dtype)
+        self.target = load_target(args.target, args.dtype, args.device)
         self.args = args
 
     def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
@@ -111,6 +113,14 @@ def make_data(args: MakeDataArgs) -> Path:
     if not heldout:
         warnings.warn(f"{HELDOUT_EVAL_SET} not found: training prompts are not checked against MT-bench", stacklevel=2)
     check_not_heldout(prompts, heldout)
+    tokenizer = load_tokenizer(args.target)
+    encoded = [encode(tokenizer, p, chat=True) for p in prompts]
+    if args.max_prompt_tokens is not None:
+        kept = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
+        if len(kept) < len(prompts):
+            skipped = len(prompts) - len(kept)
+            print(f"skipping {skipped} of {len(prompts)} prompts longer than {args.max_prompt_tokens} tokens")
+        prompts, encoded = [prompts[i] for i in kept], [encoded[i] for i in kept]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     if args.limit is not None:
         order = order[: args.limit]
@@ -119,14 +129,13 @@ def make_data(args: MakeDataArgs) -> Path:
     done = _complete_batches(out, args.batch_size)
     if done >= len(order):
         return out
-    tokenizer = load_tokenizer(args.target)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     engine = (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
     bar = tqdm(total=len(order), initial=done, unit="prompt", disable=not args.progress)
     with out.open("a") as f:
         for start in range(done, len(order), args.batch_size):
             batch = [prompts[i] for i in order[start : start + args.batch_size]]
-            ids = [encode(tokenizer, p, chat=True) for p in batch]
+            ids = [encoded[i] for i in order[start : start + args.batch_size]]
             for p, prompt_ids, answer in zip(batch, ids, engine(ids, start, eos)):
                 record = {"input_ids": prompt_ids + answer, "prompt_length": len(prompt_ids), "source": p.source}
                 f.write(json.dumps(record) + "\n")

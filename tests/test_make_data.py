@@ -75,6 +75,18 @@ def test_limit_takes_a_seeded_sample(llama_dir, prompt_file, tmp_path):
     assert a == b and len(a.splitlines()) == 3
 
 
+def test_max_prompt_tokens_skips_exactly_the_longer_prompts(llama_dir, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    texts = ["hi", "word " * 40, "add 2 and 2", "x " * 60]
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    tokenizer = load_tokenizer(str(llama_dir))
+    lengths = {t: len(encode_chat(tokenizer, t)) for t in texts}
+    limit = sorted(lengths.values())[1]  # the two shortest prompts fit
+    out = make_data(_args(llama_dir, path, tmp_path / "d.jsonl", max_prompt_tokens=limit))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["prompt_length"] for r in records) == sorted(n for n in lengths.values() if n <= limit)
+
+
 def test_an_mt_bench_turn_is_refused_as_training_prompt(llama_dir, tmp_path):
     turn = sorted(heldout_turns())[0]
     path = tmp_path / "leak.jsonl"

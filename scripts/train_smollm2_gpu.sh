@@ -1,0 +1,80 @@
+#!/bin/bash
+# Train a Chimera draft for SmolLM2-135M-Instruct on one GPU: self-distillation data from the
+# target (greedy + SAMPLED_COPIES sampled answers per non-GSM8K prompt, GSM8K_PROMPTS greedy GSM8K
+# answers), training with the target's greedy labels, then the MT-bench evaluation (K = 4).
+# Every stage resumes where it stopped: rerun the script after an interruption.
+#
+#   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
+#
+# Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
+# GSM8K_PROMPTS, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH, BASE_DATA (earlier data to mix in),
+# STEPS, BATCH, LR, INIT_DRAFT, EVAL_PROMPTS, PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/gpu}
+DEVICE=${DEVICE:-cuda}
+GREEDY=${GREEDY:-1}
+SAMPLED_COPIES=${SAMPLED_COPIES:-16}
+SEED=${SEED:-1}
+GSM8K_PROMPTS=${GSM8K_PROMPTS:-3000}
+MAX_PROMPT_TOKENS=${MAX_PROMPT_TOKENS:-320}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-320}
+BASE_DATA=${BASE_DATA:-}
+GEN_BATCH=${GEN_BATCH:-1024}
+STEPS=${STEPS:-2000}
+BATCH=${BATCH:-32}
+LR=${LR:-5e-4}
+INIT_DRAFT=${INIT_DRAFT:-}
+EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
+PYTHON=${PYTHON:-python3}
+TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
+NON_GSM8K=(data/self_instruct_seed_tasks.jsonl data/self_instruct_user_oriented.jsonl data/humaneval.jsonl.gz)
+cli() { HF_HUB_OFFLINE=1 "$PYTHON" -m chimera_vllm.cli "$@"; }
+answer() {  # answer OUT PROMPT_FILE... [make-data options]
+    local out=$1; shift
+    cli make-data --target $TARGET --engine hf --device "$DEVICE" --batch-size "$GEN_BATCH" \
+        --max-prompt-tokens "$MAX_PROMPT_TOKENS" --max-new-tokens "$MAX_NEW_TOKENS" --out "$RUN/$out" --prompts "$@"
+}
+stage() { echo "== $(date +%T) $*"; }
+mkdir -p "$RUN"
+
+stage fetch-target
+cli fetch-target smollm2-135m
+
+parts=()
+if [ "$GREEDY" = 1 ]; then
+    stage "greedy answers, non-GSM8K prompts"
+    answer greedy_nongsm.jsonl "${NON_GSM8K[@]}"
+    parts+=("$RUN/greedy_nongsm.jsonl")
+fi
+if [ "$SAMPLED_COPIES" -gt 0 ]; then
+    stage "sampled answers (T=0.8), $SAMPLED_COPIES per non-GSM8K prompt"
+    copies=()
+    for _ in $(seq "$SAMPLED_COPIES"); do copies+=("${NON_GSM8K[@]}"); done
+    answer sampled_nongsm.jsonl "${copies[@]}" --temperature 0.8 --seed "$SEED"
+    parts+=("$RUN/sampled_nongsm.jsonl")
+fi
+if [ "$GSM8K_PROMPTS" -gt 0 ]; then
+    stage "greedy answers, $GSM8K_PROMPTS GSM8K prompts"
+    answer greedy_gsm8k.jsonl data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
+    parts+=("$RUN/greedy_gsm8k.jsonl")
+fi
+
+if [ ! -s "$RUN/data.jsonl" ]; then
+    cat ${BASE_DATA:+"$BASE_DATA"} "${parts[@]}" | shuf --random-source=<(yes) > "$RUN/data.tmp" && mv "$RUN/data.tmp" "$RUN/data.jsonl"
+fi
+echo "$(wc -l < "$RUN/data.jsonl") training sequences"
+
+stage "train ($STEPS steps of batch $BATCH)"
+cli train --target $TARGET --data "$RUN/data.jsonl" --out "$RUN/chimera" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \
+    --labels target --draft-vocab-size 8192 --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
+    --warmup-steps 50 --save-every 100 --log-every 20 --dtype bfloat16
+
+stage "evaluate on MT-bench turn 1 (K = 4, float32)"
+if [ ! -s "$RUN/eval.json" ]; then
+    cli eval --target $TARGET --draft "$RUN/chimera" --prompts "$EVAL_PROMPTS" \
+        --num-speculative-tokens 4 --device "$DEVICE" --batch-size 80 --json > "$RUN/eval.tmp"
+    mv "$RUN/eval.tmp" "$RUN/eval.json"
+fi
+cat "$RUN/eval.json"
+stage done
