@@ -1,14 +1,15 @@
 #!/bin/bash
 # Train a Chimera draft for SmolLM2-135M-Instruct on one GPU: self-distillation data from the
 # target (greedy + SAMPLED_COPIES sampled answers per non-GSM8K prompt, GSM8K_PROMPTS greedy GSM8K
-# answers), training with the target's greedy labels, then the MT-bench evaluation (K = 4).
+# answers), training with the target's greedy labels, then the MT-bench evaluation (K = 4), written
+# to <draft>/eval.json.
 # Every stage resumes where it stopped: rerun the script after an interruption.
 #
 #   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
 #
 # Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
 # GSM8K_PROMPTS, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH, BASE_DATA (earlier data to mix in),
-# STEPS, BATCH, LR, INIT_DRAFT, EVAL_PROMPTS, PYTHON.
+# STEPS, BATCH, LR, INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), EVAL_PROMPTS, PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/gpu}
@@ -25,6 +26,8 @@ STEPS=${STEPS:-2000}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 INIT_DRAFT=${INIT_DRAFT:-}
+HEAD_TYPE=${HEAD_TYPE:-residual}
+DRAFT=$RUN/$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)  # the trained draft
 EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
 PYTHON=${PYTHON:-python3}
 TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
@@ -66,15 +69,15 @@ fi
 echo "$(wc -l < "$RUN/data.jsonl") training sequences"
 
 stage "train ($STEPS steps of batch $BATCH)"
-cli train --target $TARGET --data "$RUN/data.jsonl" --out "$RUN/chimera" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \
-    --labels target --draft-vocab-size 8192 --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
+cli train --target $TARGET --data "$RUN/data.jsonl" --out "$DRAFT" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \
+    --head-type "$HEAD_TYPE" --labels target --draft-vocab-size 8192 --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
     --warmup-steps 50 --save-every 100 --log-every 20 --dtype bfloat16
 
 stage "evaluate on MT-bench turn 1 (K = 4, float32)"
-if [ ! -s "$RUN/eval.json" ]; then
-    cli eval --target $TARGET --draft "$RUN/chimera" --prompts "$EVAL_PROMPTS" \
-        --num-speculative-tokens 4 --device "$DEVICE" --batch-size 80 --json > "$RUN/eval.tmp"
-    mv "$RUN/eval.tmp" "$RUN/eval.json"
+if [ ! -s "$DRAFT/eval.json" ]; then
+    cli eval --target $TARGET --draft "$DRAFT" --prompts "$EVAL_PROMPTS" \
+        --num-speculative-tokens 4 --device "$DEVICE" --batch-size 80 --json > "$DRAFT/eval.tmp"
+    mv "$DRAFT/eval.tmp" "$DRAFT/eval.json"
 fi
-cat "$RUN/eval.json"
+cat "$DRAFT/eval.json"
 stage done
