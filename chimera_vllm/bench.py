@@ -314,16 +314,17 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r.dtype, r.temperature) for r in rows})
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.method for r in rows))}  # one per method
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
     for ax, (dtype, temperature) in zip(axes[0], panels):
-        for method in dict.fromkeys(r.method for r in rows):
+        for method, color in colors.items():
             pts = sorted(
                 (r.batch_size, r.output_tokens_per_s)
                 for r in rows
                 if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
             )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=method, color=color)
         sizes = sorted({r.batch_size for r in rows})
         ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s")
         ax.set(title=f"{dtype}, T={temperature:g}", xticks=sizes, xticklabels=[str(b) for b in sizes])
@@ -337,7 +338,8 @@ def plot(rows: list[Row], path: Path) -> None:
             smallest[key] = r
     for (method, dtype, temperature), r in smallest.items():
         label = method if len(panels) == 1 else f"{method}, {dtype}, T={temperature:g}"
-        ax.plot(range(1, len(r.acceptance_by_position) + 1), r.acceptance_by_position, marker="o", label=label)
+        positions = range(1, len(r.acceptance_by_position) + 1)
+        ax.plot(positions, r.acceptance_by_position, marker="o", label=label, color=colors[method])
     ax.set(xlabel="draft position", ylabel="accepted per drafting step", title="acceptance by position", ylim=(0, 1))
     ax.xaxis.get_major_locator().set_params(integer=True)
     if smallest:
@@ -347,6 +349,14 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "?"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+
+
 def run_info(command: str) -> dict:
     """When, where and with what a benchmark ran: the header of every report."""
     import torch
@@ -354,7 +364,7 @@ def run_info(command: str) -> dict:
 
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {platform.processor() or '?'}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {_cpu_model()}, {os.cpu_count()} CPUs",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "vllm": vllm.__version__,
         "torch": torch.__version__,
