@@ -29,11 +29,13 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
+from vllm.platforms import current_platform
 from vllm.utils.torch_utils import _encode_layer_name
 
 from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
+from .vllm_cpu_gemm import CpuDraftGemms
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
 _STACKED = {
@@ -143,6 +145,7 @@ class ChimeraDraftForVLLM(nn.Module):
         self.model = _ChimeraModules(config, vllm_config, f"model.layers.{target_layers}")
         self.lm_head: nn.Module | None = None  # the target's, set by vLLM's proposer
         self._draft_rows: torch.Tensor | None = None
+        self._cpu: CpuDraftGemms | None = None
         self.logits_processor = LogitsProcessor(config.vocab_size)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("trigram_context", torch.zeros(max_tokens, 2, dtype=torch.long), persistent=False)
@@ -169,18 +172,30 @@ class ChimeraDraftForVLLM(nn.Module):
             raise NotImplementedError("Chimera drafts take token ids, not input embeddings")
         T = input_ids.shape[0]
         ids = torch.cat([self.trigram_context[:T], input_ids.long()[:, None]], dim=1)
-        e = self._trigram(ids)
+        cpu = self._cpu_gemms()
+        e = self._trigram(ids, cpu)
         h_hat = self.model.encoder(e, positions)
+        if cpu is not None:
+            return cpu.residual_head(int(self.draft_step), h_hat, hidden_states)
         features, _ = self.model.heads(self.draft_step, h_hat, hidden_states, None)
         return features
 
-    def _trigram(self, ids: torch.Tensor) -> torch.Tensor:
+    def _trigram(self, ids: torch.Tensor, cpu: CpuDraftGemms | None) -> torch.Tensor:
         embed = self.model.embed_tokens
-        if self.tp_size == 1:  # the whole table is here: the fused gather-GEMM
+        if self.tp_size == 1 and cpu is None:  # the whole table is here: the fused gather-GEMM
             return self.model.trigram(ids, embed.weight)
-        # Under TP the table is split by vocabulary: the embedding layer gathers the rows.
+        # The embedding layer gathers the rows (under TP the table is split by vocabulary).
         rows = embed(ids.reshape(-1)).view(ids.shape[0], -1)
-        return self.model.trigram.mlp(rows)
+        return self.model.trigram.mlp(rows) if cpu is None else cpu.trigram(rows)
+
+    def _cpu_gemms(self) -> CpuDraftGemms | None:
+        """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), prepacked
+        on first use: weights and the shared LM head are in place by the first forward."""
+        if self._cpu is None and current_platform.is_cpu():
+            self._cpu = CpuDraftGemms(
+                self.model.trigram, self.model.heads, self._greedy_rows() if self.tp_size == 1 else None
+            )
+        return self._cpu
 
     def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:
         logits = self.logits_processor(self.lm_head, features)
@@ -191,15 +206,19 @@ class ChimeraDraftForVLLM(nn.Module):
         """Arg-max draft tokens; the fused LM-head arg-max when the whole head is on this rank."""
         if self.tp_size > 1:
             return self.compute_logits(features).argmax(dim=-1)
+        cpu = self._cpu_gemms()
+        ids = cpu.greedy(features) if cpu is not None else greedy_draft_head(features, self._greedy_rows())
+        vocab = self.model.draft_vocab
+        return ids if vocab is None else vocab[ids]
+
+    def _greedy_rows(self) -> torch.Tensor:
+        """The LM-head rows greedy drafting scores: the draft vocabulary's, gathered once (the head
+        is frozen), or the whole vocabulary's."""
         vocab = self.model.draft_vocab
         if vocab is None:
-            return greedy_draft_head(features, self.lm_head.weight[: self.config.vocab_size])
-        return vocab[greedy_draft_head(features, self._draft_lm_head())]
-
-    def _draft_lm_head(self) -> torch.Tensor:
-        """The LM-head rows of the draft vocabulary, gathered once (the head is frozen)."""
+            return self.lm_head.weight[: self.config.vocab_size]
         if self._draft_rows is None:
-            self._draft_rows = self.lm_head.weight.index_select(0, self.model.draft_vocab)
+            self._draft_rows = self.lm_head.weight.index_select(0, vocab)
         return self._draft_rows
 
     # --- weights ------------------------------------------------------------------
