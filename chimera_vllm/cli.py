@@ -245,6 +245,40 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
         print(f"written to {args.out}.json, .md and .png")
 
 
+def cmd_profile_step(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench import Method
+    from .prompts import encode_prompts
+    from .step_profile import markdown_table, profile_engine, write_report
+    from .target import eos_token_ids, generation_config, load_tokenizer
+
+    tokenizer = load_tokenizer(args.target)
+    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    out = Path(args.out)
+    profiles = {
+        method: profile_engine(
+            args.target,
+            Method.parse(method),
+            {"chimera": args.draft, "medusa": args.medusa},
+            prompts,
+            out.with_name(f"{out.name}-traces") / method.replace(":", "-"),
+            args.dtype,
+            args.batch_size,
+            args.max_new_tokens,
+            eos_token_ids(tokenizer, generation_config(args.target)),
+            args.steps,
+            max_model_len=args.max_model_len,
+        )
+        for method in args.methods
+    }
+    print(markdown_table(profiles))
+    command = "chimera-vllm " + " ".join(sys.argv[1:])
+    extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
+    write_report(profiles, out, command, {**extra, "batch_size": args.batch_size, "num_prompts": len(prompts)})
+    print(f"written to {out}.json and .md; traces (chrome://tracing, Perfetto) under {out}-traces/")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
@@ -452,6 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--timeout", type=float, default=600, help="seconds one load may take")
     bs.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
     bs.set_defaults(func=cmd_bench_serving)
+
+    pp = sub.add_parser(
+        "profile-step",
+        help="where an engine step's time goes: vLLM's torch profiler summed by component (benchmarks/profile_step.py)",
+    )
+    pp.add_argument("--target", required=True)
+    pp.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
+    pp.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
+    pp.add_argument("--methods", nargs="+", default=["none", "chimera:2"], help="none, ngram:K, chimera:K, medusa:K")
+    pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    pp.add_argument("--num-prompts", type=int, default=8)
+    pp.add_argument("--batch-size", type=int, default=1, help="max_num_seqs")
+    pp.add_argument("--max-new-tokens", type=int, default=64)
+    pp.add_argument("--steps", type=int, default=48, help="engine steps to profile, after the first four")
+    pp.add_argument("--dtype", default="bfloat16")
+    pp.add_argument("--max-model-len", type=int, default=2048)
+    pp.add_argument("--out", required=True, help="write OUT.json and OUT.md, and the traces under OUT-traces/")
+    pp.set_defaults(func=cmd_profile_step)
 
     v = sub.add_parser(
         "serve",

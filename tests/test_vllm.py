@@ -25,6 +25,8 @@ pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
+from chimera_vllm.bench import Method  # noqa: E402
+from chimera_vllm.step_profile import COMPONENTS, profile_engine  # noqa: E402
 from chimera_vllm.vllm_engine import SpecCounters, close_llm  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks
@@ -361,3 +363,27 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
         assert alone.draft_tokens == 3 * alone.drafts > 0
     finally:
         close_llm(llm)
+
+
+def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
+    """The step profile's patterns name functions of vLLM's runner and of the draft: in a real
+    trace every component appears, and nested parts fit inside their parents."""
+    target_dir, draft_dir, _, tokenizer = pair
+    profile = profile_engine(
+        str(target_dir),
+        Method("chimera", 2),
+        {"chimera": str(draft_dir)},
+        grammar_prompts(tokenizer, 2, seed=3),
+        tmp_path / "trace",
+        dtype="float32",
+        max_new_tokens=24,
+        steps=6,
+        **{k: v for k, v in ENGINE.items() if k != "dtype"},
+    )
+    ms = profile.ms_per_step
+    assert profile.steps == 6
+    assert set(ms) == {label for label, _, _ in COMPONENTS}
+    assert ms["engine step"] > ms["target forward"] + ms["sampling / verification"] + ms["draft proposal"]
+    assert ms["draft proposal"] > ms["write context (Chimera)"] + ms["draft model forward"]
+    parts = ms["trigram encoder"] + ms["encoder layer"] + ms["residual heads"]
+    assert ms["draft model forward"] > parts

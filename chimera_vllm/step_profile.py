@@ -1,0 +1,145 @@
+"""Where the time of one engine step goes: vLLM's torch profiler, summed by component.
+
+One engine per method runs the same prompts under ``LLM.start_profile()``; the worker's
+trace (Chrome JSON) is then summed by the functions and modules below and divided by the
+number of target forward passes, so every figure is milliseconds per engine step. A
+component counts once even where its function calls itself or a same-named function
+(vLLM's ``propose_draft_token_ids`` calls another one), and components nest as listed: a
+child's time is part of its parent's.
+
+The profiler slows every step (Python call stacks are recorded); compare components
+within and between the methods of one run, not with unprofiled throughput.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bench import Method
+from .vllm_engine import close_llm, generate, make_llm, warm_up
+
+# (label, depth, pattern on the trace event's name): vLLM's V1 model runner and the Chimera draft.
+COMPONENTS: tuple[tuple[str, int, str], ...] = (
+    ("engine step", 0, r"gpu_model_runner\.py\(\d+\): (execute_model|sample_tokens)$"),
+    ("target forward", 1, r"gpu_model_runner\.py\(\d+\): _model_forward$"),
+    ("sampling / verification", 1, r"gpu_model_runner\.py\(\d+\): _sample$"),
+    ("draft proposal", 1, r"gpu_model_runner\.py\(\d+\): propose_draft_token_ids$"),
+    ("write context (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _write_context$"),
+    ("draft model forward", 2, r"^nn\.Module: ChimeraDraftForVLLM_0$"),
+    ("trigram encoder", 3, r"^nn\.Module: TrigramEncoder_0$|vllm_cpu_gemm\.py\(\d+\): trigram$"),
+    ("encoder layer", 3, r"^nn\.Module: ChimeraEncoderLayer_0$"),
+    ("residual heads", 3, r"^nn\.Module: ResidualHeads_0$|vllm_cpu_gemm\.py\(\d+\): residual_head$"),
+    ("draft LM head + arg-max", 2, r"vllm_model\.py\(\d+\): greedy_tokens$"),
+)
+STEP_PATTERN = COMPONENTS[1][2]  # one target forward per engine step
+
+
+@dataclass
+class StepProfile:
+    """Milliseconds per engine step by component label, over ``steps`` target forward passes."""
+
+    steps: int
+    ms_per_step: dict[str, float]
+
+
+def _outermost_total_us(events: list[dict], pattern: re.Pattern) -> tuple[float, int]:
+    """Total duration and count of the matching events not inside another matching event."""
+    total, count, end = 0.0, 0, float("-inf")
+    for e in sorted((e for e in events if pattern.search(e["name"])), key=lambda e: e["ts"]):
+        if e["ts"] >= end:
+            total, count, end = total + e["dur"], count + 1, e["ts"] + e["dur"]
+    return total, count
+
+
+def summarize(events: list[dict]) -> StepProfile:
+    """Per-step time by component from a Chrome trace's complete ("X") events."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    _, steps = _outermost_total_us(complete, re.compile(STEP_PATTERN))
+    if steps == 0:
+        raise ValueError("the trace holds no target forward pass (was the profiler running during generate?)")
+    ms = {}
+    for label, _, pattern in COMPONENTS:
+        total, count = _outermost_total_us(complete, re.compile(pattern))
+        if count:
+            ms[label] = total / 1e3 / steps
+    return StepProfile(steps, ms)
+
+
+def read_trace(trace_dir: str | Path) -> list[dict]:
+    """The events of the one worker trace vLLM wrote under trace_dir (``*.pt.trace.json[.gz]``)."""
+    paths = sorted(Path(trace_dir).glob("*.pt.trace.json*"))
+    if len(paths) != 1:
+        raise FileNotFoundError(f"expected one *.pt.trace.json[.gz] in {trace_dir}, found {len(paths)}")
+    opener = gzip.open if paths[0].suffix == ".gz" else open
+    with opener(paths[0], "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def markdown_table(profiles: dict[str, StepProfile]) -> str:
+    """One column per method: ms per step by component (indented by depth), and the steps counted."""
+    methods = list(profiles)
+    lines = ["| component | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for label, depth, _ in COMPONENTS:
+        cells = [profiles[m].ms_per_step.get(label) for m in methods]
+        if any(c is not None for c in cells):
+            name = "&nbsp;&nbsp;" * depth + label
+            lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    lines.append("| target forward passes | " + " | ".join(str(profiles[m].steps) for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def profile_engine(
+    target: str,
+    method: Method,
+    drafts: dict[str, str | None],
+    prompts: list[list[int]],
+    trace_dir: Path,
+    dtype: str = "bfloat16",
+    batch_size: int = 1,
+    max_new_tokens: int = 64,
+    stop_token_ids: set[int] | None = None,
+    steps: int = 48,
+    **engine_args,
+) -> StepProfile:
+    """Greedy generation for prompts in one engine of this method, profiling ``steps`` engine steps
+    after the first four (a trace holds ~0.3 MB per step; vLLM's summary table of a long one takes
+    minutes)."""
+    trace_dir.mkdir(parents=True, exist_ok=False)  # one trace per directory: read_trace finds it
+    profiler = {
+        "profiler": "torch",
+        "torch_profiler_dir": str(trace_dir.resolve()),
+        "ignore_frontend": True,
+        "torch_profiler_dump_cuda_time_total": False,  # a second summary table, of device time
+        "delay_iterations": 4,
+        "max_iterations": steps,
+    }
+    llm = make_llm(
+        target, method.spec(drafts), dtype=dtype, max_num_seqs=batch_size, profiler_config=profiler, **engine_args
+    )
+    try:
+        warm_up(llm, prompts[0])
+        llm.start_profile()
+        generate(llm, prompts, max_new_tokens, stop_token_ids=stop_token_ids, num_speculative_tokens=method.k)
+        llm.stop_profile()
+    finally:
+        close_llm(llm)
+    return summarize(read_trace(trace_dir))
+
+
+def write_report(profiles: dict[str, StepProfile], out: Path, command: str, extra: dict) -> None:
+    """out.json (every component per method, with the run's machine and versions) and out.md."""
+    from dataclasses import asdict
+
+    from .bench import run_info
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {**run_info(command), **extra}
+    out.with_suffix(".json").write_text(
+        json.dumps({**info, "profiles": {m: asdict(p) for m, p in profiles.items()}}, indent=1)
+    )
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    out.with_suffix(".md").write_text(f"# Milliseconds per engine step\n\n{header}\n\n{markdown_table(profiles)}\n")
