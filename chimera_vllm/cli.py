@@ -254,7 +254,7 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
     from .target import eos_token_ids, generation_config, load_tokenizer
 
     tokenizer = load_tokenizer(args.target)
-    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts or args.batch_size]
     out = Path(args.out)
     profiles = {
         method: profile_engine(
@@ -496,9 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
     pp.add_argument("--methods", nargs="+", default=["none", "chimera:2"], help="none, ngram:K, chimera:K, medusa:K")
     pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
-    pp.add_argument("--num-prompts", type=int, default=8)
+    pp.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="default: the batch size, so that every request starts at once and its prefill falls in the "
+        "four unprofiled first steps",
+    )
     pp.add_argument("--batch-size", type=int, default=1, help="max_num_seqs")
-    pp.add_argument("--max-new-tokens", type=int, default=64)
+    pp.add_argument(
+        "--max-new-tokens", type=int, default=128, help="enough that no request ends inside the profiled steps"
+    )
     pp.add_argument("--steps", type=int, default=48, help="engine steps to profile, after the first four")
     pp.add_argument("--dtype", default="bfloat16")
     pp.add_argument("--max-model-len", type=int, default=2048)

@@ -7,8 +7,11 @@ component counts once even where its function calls itself or a same-named funct
 (vLLM's ``propose_draft_token_ids`` calls another one), and components nest as listed: a
 child's time is part of its parent's.
 
-The profiler slows every step (Python call stacks are recorded); compare components
-within and between the methods of one run, not with unprofiled throughput.
+The profiled steps should all be alike: the command starts as many requests as the batch
+holds, all at once, so that their prefills fall in the unprofiled first steps, and lets them
+generate enough tokens that none ends inside the profiled ones. The profiler slows every
+step (Python call stacks are recorded); compare components within and between the methods
+of one run, not with unprofiled throughput.
 """
 
 from __future__ import annotations
