@@ -10,7 +10,6 @@ Chimera draft's own weights. Prints a table; writes OUT.json and OUT.md.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ def time_us(fn, x: torch.Tensor, budget_s: float = 0.2) -> float:
 
 
 def main() -> None:
-    from chimera_vllm.bench import run_info
+    from chimera_vllm.bench import run_info, write_result_files
     from chimera_vllm.vllm_cpu_gemm import CpuLinear
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,13 +76,8 @@ def main() -> None:
     if args.out:
         info = run_info("python benchmarks/cpu_gemm.py " + " ".join(sys.argv[1:]))
         info.update(threads=args.threads, dtype=args.dtype)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=1))
-        head = "\n".join(f"- {k}: {v}" for k, v in info.items())
-        out.with_suffix(".md").write_text(
-            f"# One linear layer on a CPU: µs per call, vLLM's CPU GEMM (torch F.linear)\n\n{head}\n\n{table}\n"
-        )
+        title = "One linear layer on a CPU: µs per call, vLLM's CPU GEMM (torch F.linear)"
+        write_result_files(Path(args.out), title, info, {"rows": rows}, table)
 
 
 if __name__ == "__main__":

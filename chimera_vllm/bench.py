@@ -372,13 +372,17 @@ def run_info(command: str) -> dict:
     }
 
 
+def write_result_files(out: Path, title: str, info: dict, results: dict, body: str) -> None:
+    """out.json ({**info, **results}) and out.md (title, info as a list, then body): every report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**info, **results}, indent=1))
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    out.with_suffix(".md").write_text(f"# {title}\n\n{header}\n\n{body}\n")
+
+
 def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
     """out.json (every row, with the run's machine and versions), out.md (the table) and out.png."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {**run_info(command), **extra}
-    out.with_suffix(".json").write_text(
-        json.dumps({**info, "rows": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows]}, indent=1)
-    )
+    rows_json = [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows]
+    body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"
+    write_result_files(out, "Throughput", {**run_info(command), **extra}, {"rows": rows_json}, body)
     plot(rows, out.with_suffix(".png"))
-    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
-    out.with_suffix(".md").write_text(f"# Throughput\n\n{header}\n\n{markdown_table(rows)}\n\n![]({out.name}.png)\n")

@@ -314,13 +314,9 @@ def plot(rows: list[ServingRow], path: Path) -> None:
 
 def write_report(rows: list[ServingRow], out: Path, command: str, extra: dict) -> None:
     """out.json (every row, machine and versions), out.md (the table) and out.png."""
-    from .bench import run_info
+    from .bench import run_info, write_result_files
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     info = {**run_info(command), **extra}
-    out.with_suffix(".json").write_text(json.dumps({**info, "rows": [asdict(r) for r in rows]}, indent=1))
+    body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"
+    write_result_files(out, "Serving latency under load", info, {"rows": [asdict(r) for r in rows]}, body)
     plot(rows, out.with_suffix(".png"))
-    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
-    out.with_suffix(".md").write_text(
-        f"# Serving latency under load\n\n{header}\n\n{markdown_table(rows)}\n\n![]({out.name}.png)\n"
-    )

@@ -19,10 +19,10 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bench import Method
+from .bench import Method, run_info, write_result_files
 from .vllm_engine import close_llm, generate, make_llm, warm_up
 
 # (label, depth, pattern on the trace event's name): vLLM's V1 model runner and the Chimera draft.
@@ -38,7 +38,6 @@ COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("residual heads", 3, r"^nn\.Module: ResidualHeads_0$|vllm_cpu_gemm\.py\(\d+\): residual_head$"),
     ("draft LM head + arg-max", 2, r"vllm_model\.py\(\d+\): greedy_tokens$"),
 )
-STEP_PATTERN = COMPONENTS[1][2]  # one target forward per engine step
 
 
 @dataclass
@@ -61,15 +60,11 @@ def _outermost_total_us(events: list[dict], pattern: re.Pattern) -> tuple[float,
 def summarize(events: list[dict]) -> StepProfile:
     """Per-step time by component from a Chrome trace's complete ("X") events."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    _, steps = _outermost_total_us(complete, re.compile(STEP_PATTERN))
+    found = {label: _outermost_total_us(complete, re.compile(pattern)) for label, _, pattern in COMPONENTS}
+    steps = found["target forward"][1]  # one target forward per engine step
     if steps == 0:
         raise ValueError("the trace holds no target forward pass (was the profiler running during generate?)")
-    ms = {}
-    for label, _, pattern in COMPONENTS:
-        total, count = _outermost_total_us(complete, re.compile(pattern))
-        if count:
-            ms[label] = total / 1e3 / steps
-    return StepProfile(steps, ms)
+    return StepProfile(steps, {label: total / 1e3 / steps for label, (total, count) in found.items() if count})
 
 
 def read_trace(trace_dir: str | Path) -> list[dict]:
@@ -103,7 +98,7 @@ def profile_engine(
     trace_dir: Path,
     dtype: str = "bfloat16",
     batch_size: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 128,
     stop_token_ids: set[int] | None = None,
     steps: int = 48,
     **engine_args,
@@ -135,14 +130,6 @@ def profile_engine(
 
 def write_report(profiles: dict[str, StepProfile], out: Path, command: str, extra: dict) -> None:
     """out.json (every component per method, with the run's machine and versions) and out.md."""
-    from dataclasses import asdict
-
-    from .bench import run_info
-
-    out.parent.mkdir(parents=True, exist_ok=True)
     info = {**run_info(command), **extra}
-    out.with_suffix(".json").write_text(
-        json.dumps({**info, "profiles": {m: asdict(p) for m, p in profiles.items()}}, indent=1)
-    )
-    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
-    out.with_suffix(".md").write_text(f"# Milliseconds per engine step\n\n{header}\n\n{markdown_table(profiles)}\n")
+    results = {"profiles": {m: asdict(p) for m, p in profiles.items()}}
+    write_result_files(out, "Milliseconds per engine step", info, results, markdown_table(profiles))
