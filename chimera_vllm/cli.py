@@ -170,6 +170,14 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     print(f"training data written to {out}")
 
 
+def cmd_make_prompts(args: argparse.Namespace) -> None:
+    from .make_data import MakePromptsArgs, make_prompts
+
+    names = {f.name for f in fields(MakePromptsArgs)}
+    out = make_prompts(MakePromptsArgs(**{k: v for k, v in vars(args).items() if k in names}))
+    print(f"{len(out.read_text().splitlines())} distinct prompts written to {out}")
+
+
 def cmd_fetch_target(args: argparse.Namespace) -> None:
     from .fetch import fetch_target
 
@@ -393,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--device", default="cpu", help="(hf engine) e.g. cuda")
     m.set_defaults(func=cmd_make_data)
+
+    mp = sub.add_parser("make-prompts", help="chat prompts written by the target itself (Magpie), for make-data")
+    mp.add_argument("--target", required=True)
+    mp.add_argument("--out", required=True, help='prompt JSONL to write ({"turns": [text]} lines; a rerun resumes)')
+    mp.add_argument("--count", type=int, required=True, help="samples to draw (repeats, unfinished ones dropped)")
+    mp.add_argument("--max-new-tokens", type=int, default=128)
+    mp.add_argument("--engine", choices=["vllm", "hf"], default="hf")
+    mp.add_argument("--temperature", type=float, default=1.0)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--batch-size", type=int, default=256)
+    mp.add_argument("--min-chars", type=int, default=16, help="drop shorter prompts")
+    mp.add_argument("--dtype", default="bfloat16")
+    mp.add_argument("--device", default="cpu", help="(hf engine) e.g. cuda")
+    mp.set_defaults(func=cmd_make_prompts)
 
     t = sub.add_parser("train", help="train a Chimera draft by distillation (runs under torchrun too)")
     t.add_argument("--target", required=True)

@@ -1,4 +1,5 @@
-"""Self-distillation data: the target's own answers to chat prompts, as token-id sequences.
+"""Self-distillation data: the target's own answers to chat prompts, as token-id sequences,
+and prompts written by the target itself (`make_prompts`).
 
 Every prompt is rendered with the tokenizer's chat template and answered by the
 target (vLLM offline batch, or the transformers reference decoder). Lines are
@@ -12,6 +13,7 @@ docs/vllm-integration.md).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +81,29 @@ def _complete_batches(path: Path, batch_size: int) -> int:
     return keep
 
 
+@dataclass
+class MakePromptsArgs:
+    """Chat prompts written by the target (Magpie, arXiv 2406.08464): the chat template up to
+    the start of a user message is the whole prompt, so what the target samples next is a user
+    request of the kind its instruction tuning saw."""
+
+    target: str
+    out: str
+    count: int  # samples drawn; fewer prompts are kept (duplicates, unfinished, too short, held out)
+    max_new_tokens: int = 128
+    engine: str = "hf"
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 256
+    min_chars: int = 16
+    dtype: str = "bfloat16"
+    device: str = "cpu"  # hf engine
+    progress: bool = True
+    vllm_args: dict = field(default_factory=dict)
+
+
 class HFEngine:
-    def __init__(self, args: MakeDataArgs):
+    def __init__(self, args: MakeDataArgs | MakePromptsArgs):
         self.target = load_target(args.target, args.dtype, args.device)
         self.args = args
 
@@ -91,7 +114,7 @@ class HFEngine:
 
 
 class VLLMEngine:
-    def __init__(self, args: MakeDataArgs):
+    def __init__(self, args: MakeDataArgs | MakePromptsArgs):
         from .vllm_engine import make_llm
 
         self.args = args
@@ -105,9 +128,21 @@ class VLLMEngine:
         return outputs
 
 
+def _check_engine(name: str) -> None:
+    if name not in ("hf", "vllm"):
+        raise ValueError(f"engine must be hf or vllm, got {name!r}")
+
+
+def _engine(args: MakeDataArgs | MakePromptsArgs) -> HFEngine | VLLMEngine:
+    return (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
+
+
+def _eos(tokenizer) -> set[int]:
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+
 def make_data(args: MakeDataArgs) -> Path:
-    if args.engine not in ("hf", "vllm"):
-        raise ValueError(f"engine must be hf or vllm, got {args.engine!r}")
+    _check_engine(args.engine)
     prompts = [p for path in args.prompts for p in read_prompts(path)]
     heldout = heldout_turns()
     if not heldout:
@@ -129,8 +164,8 @@ def make_data(args: MakeDataArgs) -> Path:
     done = _complete_batches(out, args.batch_size)
     if done >= len(order):
         return out
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    engine = (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
+    eos = _eos(tokenizer)
+    engine = _engine(args)
     bar = tqdm(total=len(order), initial=done, unit="prompt", disable=not args.progress)
     with out.open("a") as f:
         for start in range(done, len(order), args.batch_size):
@@ -141,5 +176,60 @@ def make_data(args: MakeDataArgs) -> Path:
                 f.write(json.dumps(record) + "\n")
             f.flush()
             bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def user_turn_prefix(tokenizer) -> list[int]:
+    """Token ids of the chat template up to where a user message's text begins."""
+    marker = "\x00USER\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in rendered:
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not show the user message")
+    return tokenizer(rendered[: rendered.index(marker)], add_special_tokens=False).input_ids
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def make_prompts(args: MakePromptsArgs) -> Path:
+    """Sample args.count user requests from the target; write the distinct finished ones as
+    ``{"turns": [text]}`` lines. Resumable: ``<out>.progress`` records the whole batches written."""
+    _check_engine(args.engine)
+    if args.count < 1 or args.batch_size < 1:
+        raise ValueError(f"count and batch_size must be >= 1, got {args.count} and {args.batch_size}")
+    tokenizer = load_tokenizer(args.target)
+    prefix, eos = user_turn_prefix(tokenizer), _eos(tokenizer)
+    if not eos:
+        raise ValueError(f"{args.target}: the tokenizer has no eos token to end a user message")
+    out, progress = Path(args.out), Path(args.out + ".progress")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = json.loads(progress.read_text()) if progress.is_file() else {"samples_done": 0, "lines": 0}
+    done, kept_lines = state["samples_done"], state["lines"]
+    kept = out.read_text().splitlines()[:kept_lines] if out.is_file() else []
+    out.write_text("".join(line + "\n" for line in kept))  # drops lines of a batch cut short
+    seen = {_normalised(t) for t in heldout_turns()} | {_normalised(json.loads(line)["turns"][0]) for line in kept}
+    if done >= args.count:
+        return out
+    engine = _engine(args)
+    bar = tqdm(total=args.count, initial=done, unit="sample", disable=not args.progress)
+    with out.open("a") as f:
+        for start in range(done, args.count, args.batch_size):
+            n = min(args.batch_size, args.count - start)
+            for i, ids in enumerate(engine([prefix] * n, start, eos)):
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                key = _normalised(text)
+                if not ids or ids[-1] not in eos or len(text) < args.min_chars or key in seen:
+                    continue
+                seen.add(key)
+                source = f"{args.target} seed {args.seed} sample {start + i}"
+                f.write(json.dumps({"turns": [text], "source": source}) + "\n")
+                kept_lines += 1
+            f.flush()
+            tmp = progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"samples_done": start + n, "lines": kept_lines}))
+            os.replace(tmp, progress)
+            bar.update(n)
     bar.close()
     return out

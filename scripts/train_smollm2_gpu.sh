@@ -1,15 +1,18 @@
 #!/bin/bash
 # Train a Chimera draft for SmolLM2-135M-Instruct on one GPU: self-distillation data from the
 # target (greedy + SAMPLED_COPIES sampled answers per non-GSM8K prompt, GSM8K_PROMPTS greedy GSM8K
-# answers), training with the target's greedy labels, then the MT-bench evaluation (K = 4), written
-# to <draft>/eval.json.
+# answers, and a greedy + MAGPIE_SAMPLED sampled answers to each prompt the target writes itself
+# out of MAGPIE_SAMPLES samples), training with the target's greedy labels, then the MT-bench
+# evaluation (K = 4), written to <draft>/eval.json.
 # Every stage resumes where it stopped: rerun the script after an interruption.
 #
 #   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
 #
 # Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
-# GSM8K_PROMPTS, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH, BASE_DATA (earlier data to mix in),
-# STEPS, BATCH, LR, INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), EVAL_PROMPTS, PYTHON.
+# GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
+# BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
+# INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
+# EVAL_PROMPTS, PYTHON. Drafts that share RUN share its data: several can train at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/gpu}
@@ -18,6 +21,8 @@ GREEDY=${GREEDY:-1}
 SAMPLED_COPIES=${SAMPLED_COPIES:-16}
 SEED=${SEED:-1}
 GSM8K_PROMPTS=${GSM8K_PROMPTS:-3000}
+MAGPIE_SAMPLES=${MAGPIE_SAMPLES:-0}
+MAGPIE_SAMPLED=${MAGPIE_SAMPLED:-1}
 MAX_PROMPT_TOKENS=${MAX_PROMPT_TOKENS:-320}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-320}
 BASE_DATA=${BASE_DATA:-}
@@ -27,7 +32,7 @@ BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 INIT_DRAFT=${INIT_DRAFT:-}
 HEAD_TYPE=${HEAD_TYPE:-residual}
-DRAFT=$RUN/$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)  # the trained draft
+DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
 EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
 PYTHON=${PYTHON:-python3}
 TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
@@ -62,11 +67,27 @@ if [ "$GSM8K_PROMPTS" -gt 0 ]; then
     answer greedy_gsm8k.jsonl data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
     parts+=("$RUN/greedy_gsm8k.jsonl")
 fi
+if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
+    stage "prompts written by the target: $MAGPIE_SAMPLES samples of its user turn"
+    cli make-prompts --target $TARGET --device "$DEVICE" --batch-size "$GEN_BATCH" --seed "$SEED" \
+        --count "$MAGPIE_SAMPLES" --out "$RUN/magpie_prompts.jsonl"
+    stage "greedy answers, target-written prompts"
+    answer greedy_magpie.jsonl "$RUN/magpie_prompts.jsonl"
+    parts+=("$RUN/greedy_magpie.jsonl")
+    if [ "$MAGPIE_SAMPLED" -gt 0 ]; then
+        stage "sampled answers (T=0.8), $MAGPIE_SAMPLED per target-written prompt"
+        copies=()
+        for _ in $(seq "$MAGPIE_SAMPLED"); do copies+=("$RUN/magpie_prompts.jsonl"); done
+        answer sampled_magpie.jsonl "${copies[@]}" --temperature 0.8 --seed "$SEED"
+        parts+=("$RUN/sampled_magpie.jsonl")
+    fi
+fi
 
 if [ ! -s "$RUN/data.jsonl" ]; then
     cat ${BASE_DATA:+"$BASE_DATA"} "${parts[@]}" | shuf --random-source=<(yes) > "$RUN/data.tmp" && mv "$RUN/data.tmp" "$RUN/data.jsonl"
 fi
 echo "$(wc -l < "$RUN/data.jsonl") training sequences"
+[ "${ONLY_DATA:-0}" = 1 ] && exit 0
 
 stage "train ($STEPS steps of batch $BATCH)"
 cli train --target $TARGET --data "$RUN/data.jsonl" --out "$DRAFT" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from chimera_vllm.make_data import HeldOutPromptError, MakeDataArgs, heldout_turns, make_data
+from chimera_vllm.make_data import (
+    HeldOutPromptError,
+    MakeDataArgs,
+    MakePromptsArgs,
+    heldout_turns,
+    make_data,
+    make_prompts,
+    user_turn_prefix,
+)
 from chimera_vllm.prompts import encode_chat, read_prompts
 from chimera_vllm.target import load_target, load_tokenizer
 from chimera_vllm.training.data import read_sequences
@@ -101,3 +109,51 @@ def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
     assert len(prompts) == 7473 + 175 + 252 + 164
     assert not [p.source for p in prompts if p.text.strip() in turns]
+
+
+def _prompt_args(llama_dir, out, **kw):
+    return MakePromptsArgs(
+        target=str(llama_dir), out=str(out), max_new_tokens=64, batch_size=4, dtype="float32", progress=False, **kw
+    )
+
+
+def test_user_turn_prefix_is_the_chat_template_up_to_the_users_text(llama_dir):
+    tokenizer = load_tokenizer(str(llama_dir))
+    prefix = user_turn_prefix(tokenizer)
+    assert tokenizer.decode(prefix) == "<|im_start|>user\n"
+    assert encode_chat(tokenizer, "hello")[: len(prefix)] == prefix
+
+
+def test_make_prompts_keeps_distinct_finished_samples_of_the_user_turn(llama_dir, tmp_path, monkeypatch):
+    """The engine is fed the user-turn prefix; only samples that end in EOS, are long enough
+    and are new (after case/space folding, MT-bench turns included) become prompts."""
+    tokenizer = load_tokenizer(str(llama_dir))
+    eos = tokenizer.eos_token_id
+    heldout = sorted(heldout_turns())[0]
+    samples = ["Write a poem about rain.", "write a  POEM about rain.", "Too short", "No end: a long request", heldout]
+    fed = []
+
+    def engine(prompts, first_index, stop):
+        fed.extend(prompts)
+        out = []
+        for i in range(first_index, first_index + len(prompts)):
+            ids = tokenizer(samples[i], add_special_tokens=False).input_ids
+            out.append(ids if i == 3 else ids + [eos])  # sample 3 ran out of new tokens
+        return out
+
+    monkeypatch.setattr("chimera_vllm.make_data._engine", lambda args: engine)
+    out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=12))
+    assert fed == [user_turn_prefix(tokenizer)] * 5
+    prompts = read_prompts(out)
+    assert [p.text for p in prompts] == ["Write a poem about rain."] and prompts[0].chat
+
+
+def test_make_prompts_samples_the_target_and_resumes_to_the_same_file(llama_dir, tmp_path):
+    whole = make_prompts(_prompt_args(llama_dir, tmp_path / "whole.jsonl", count=12, min_chars=1, seed=5))
+    lines = whole.read_text().splitlines(keepends=True)
+    assert len(lines) >= 2 and len(set(lines)) == len(lines)
+    part = tmp_path / "part.jsonl"
+    make_prompts(_prompt_args(llama_dir, part, count=4, min_chars=1, seed=5))  # the first batch
+    part.write_text(part.read_text() + '{"turns": ["cut sh')  # killed while writing the second
+    make_prompts(_prompt_args(llama_dir, part, count=12, min_chars=1, seed=5))
+    assert part.read_text() == whole.read_text()
