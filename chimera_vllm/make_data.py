@@ -67,8 +67,9 @@ def check_not_heldout(prompts: list[Prompt], heldout: set[str]) -> None:
             raise HeldOutPromptError(f"{p.source}: this prompt is an MT-bench turn, held out for evaluation")
 
 
-def _complete_batches(path: Path, batch_size: int) -> int:
-    """Lines of the whole batches in path; a batch cut short by a crash is removed.
+def _complete_batches(path: Path, batch_size: int, total: int) -> int:
+    """Lines of the whole batches in path (all total lines once the last, shorter batch is
+    written); a batch cut short by a crash is removed.
 
     Batches (not lines) are the unit of resumption because a batch shares one
     sampling stream and, in bf16, one set of batch-shape-dependent numerics.
@@ -76,7 +77,7 @@ def _complete_batches(path: Path, batch_size: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_bytes().split(b"\n")[:-1]  # the last element is b"" or a partial line
-    keep = len(lines) // batch_size * batch_size
+    keep = total if len(lines) >= total else len(lines) // batch_size * batch_size
     path.write_bytes(b"".join(line + b"\n" for line in lines[:keep]))
     return keep
 
@@ -161,7 +162,7 @@ def make_data(args: MakeDataArgs) -> Path:
         order = order[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _complete_batches(out, args.batch_size)
+    done = _complete_batches(out, args.batch_size, len(order))
     if done >= len(order):
         return out
     eos = _eos(tokenizer)

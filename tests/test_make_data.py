@@ -77,6 +77,20 @@ def test_interrupted_run_resumes_to_the_same_file(llama_dir, prompt_file, tmp_pa
     assert part.read_text() == whole
 
 
+def test_rerun_of_a_finished_file_keeps_its_last_short_batch(llama_dir, prompt_file, tmp_path, monkeypatch):
+    """8 prompts in batches of 3: the last batch has 2 lines, and a rerun must neither drop nor
+    redo it (concurrent reruns once appended it again and again)."""
+    out = make_data(_args(llama_dir, prompt_file, tmp_path / "d.jsonl"))
+    whole = out.read_text()
+
+    def no_engine(args):
+        raise AssertionError("a finished file was generated again")
+
+    monkeypatch.setattr("chimera_vllm.make_data._engine", no_engine)
+    make_data(_args(llama_dir, prompt_file, out))
+    assert out.read_text() == whole and len(whole.splitlines()) == 8
+
+
 def test_limit_takes_a_seeded_sample(llama_dir, prompt_file, tmp_path):
     a = make_data(_args(llama_dir, prompt_file, tmp_path / "a.jsonl", limit=3, seed=1)).read_text()
     b = make_data(_args(llama_dir, prompt_file, tmp_path / "b.jsonl", limit=3, seed=1)).read_text()

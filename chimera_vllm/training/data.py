@@ -66,12 +66,8 @@ def frequent_response_tokens(paths: list[str], vocab_size: int, size: int) -> tu
     and the share of all response tokens they cover."""
     if not 0 < size <= vocab_size:
         raise ValueError(f"--size must be in 1..{vocab_size} (the target's vocabulary), got {size}")
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for path in paths:
-        for seq in read_sequences(path, vocab_size=vocab_size):
-            counts += torch.bincount(
-                torch.tensor(seq.input_ids[seq.prompt_length :], dtype=torch.long), minlength=vocab_size
-            )
+    responses = [seq.input_ids[seq.prompt_length :] for path in paths for seq in read_sequences(path, vocab_size)]
+    counts = torch.bincount(torch.tensor([t for r in responses for t in r], dtype=torch.long), minlength=vocab_size)
     top = counts.topk(size)
     return top.indices, float(top.values.sum() / counts.sum().clamp(min=1))
 
