@@ -162,6 +162,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained draft written to {out}")
 
 
+def cmd_plot_training(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .training.trainer import plot_runs
+
+    runs = {}
+    for run in args.runs:
+        log = Path(run) / "train_log.jsonl"
+        if not log.is_file():
+            raise FileNotFoundError(f"no training log at {log} (give the folders that train --out wrote)")
+        runs[Path(run).name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    plot_runs(runs, Path(args.out))
+    print(f"wrote {args.out}")
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
     from .make_data import MakeDataArgs, make_data
 
@@ -372,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--dtype", default="float32")
     c.set_defaults(func=cmd_convert_official)
+
+    pt = sub.add_parser("plot-training", help="training curves of several trained drafts side by side (PNG)")
+    pt.add_argument("runs", nargs="+", help="folders written by train --out")
+    pt.add_argument("--out", required=True, help="PNG to write")
+    pt.set_defaults(func=cmd_plot_training)
 
     x = sub.add_parser("export-medusa", help="a Medusa-baseline draft in vLLM's built-in Medusa format")
     x.add_argument("--target", required=True)

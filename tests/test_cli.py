@@ -121,3 +121,15 @@ def test_draft_vocab_keeps_the_most_frequent_response_tokens(capsys, llama_dir, 
     assert draft.draft_vocab.tolist() == [5, 7, 8] and draft.config.draft_vocab_size == 3
     assert main(["draft-vocab", "--draft", str(tmp_path / "d"), "--data", str(data), "--size", "100000"]) == 2
     assert "--size must be in 1..105 (the target's vocabulary), got 100000" in capsys.readouterr().err
+
+
+def test_plot_training_draws_every_run_and_names_a_folder_without_a_log(capsys, tmp_path):
+    for name, top1 in (("chimera", 0.5), ("medusa", 0.3)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": 9.0 - s, "ce_0": 3.0 - s, "top1_0": top1, "top1_1": top1 / 2} for s in (1, 2)]
+        (tmp_path / name / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "curves.png"
+    assert main(["plot-training", str(tmp_path / "chimera"), str(tmp_path / "medusa"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot-training", str(tmp_path / "chimera"), str(tmp_path), "--out", str(png)]) == 2
+    assert f"no training log at {tmp_path / 'train_log.jsonl'}" in capsys.readouterr().err

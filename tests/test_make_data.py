@@ -28,6 +28,7 @@ TRAINING_SETS = [
     "self_instruct_seed_tasks.jsonl",
     "self_instruct_user_oriented.jsonl",
     "humaneval.jsonl.gz",
+    "smollm2_written_prompts.jsonl",
 ]
 
 
@@ -121,7 +122,7 @@ def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
     turns = heldout_turns(DATA / "mt_bench_questions.jsonl")
     assert len(turns) == 160
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
-    assert len(prompts) == 7473 + 175 + 252 + 164
+    assert len(prompts) == 7473 + 175 + 252 + 164 + 6585
     assert not [p.source for p in prompts if p.text.strip() in turns]
 
 

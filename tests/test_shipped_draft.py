@@ -14,9 +14,9 @@ from chimera_vllm.prompts import encode_prompts
 from chimera_vllm.target import eos_token_ids, generation_config, load_target, load_tokenizer
 
 # What the shipped draft reaches on these prompts with some margin (its model card has the full
-# evaluation; 1.76 measured on these four, 2026-11-22); a draft that regresses, or loads wrongly,
+# evaluation; 1.78 measured on these four with the run-7 draft, 2026-11-23); a draft that regresses, or loads wrongly,
 # falls below it.
-MIN_MEAN_ACCEPTED_LENGTH = 1.65
+MIN_MEAN_ACCEPTED_LENGTH = 1.7
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,35 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_runs(runs: dict[str, list[dict]], path: Path) -> None:
+    """Training curves of several runs on shared axes: head-0 cross-entropy, and training top-1
+    of every head (one colour per run, one line style per head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", "-.", ":"]
+    for colour, (name, history) in enumerate(runs.items()):
+        steps = [h["step"] for h in history]
+        ax1.plot(steps, [h["ce_0"] for h in history], color=f"C{colour}", label=name)
+        heads = sorted(int(k[5:]) for k in history[-1] if k.startswith("top1_"))
+        for head in heads:
+            ax2.plot(
+                steps,
+                [h[f"top1_{head}"] for h in history],
+                color=f"C{colour}",
+                linestyle=styles[head % len(styles)],
+                label=f"{name}, head {head}",
+            )
+    ax1.set_xlabel("step"), ax1.set_ylabel("head 0 cross-entropy"), ax1.set_yscale("log"), ax1.legend()
+    ax2.set_xlabel("step"), ax2.set_ylabel("training top-1 accuracy"), ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
