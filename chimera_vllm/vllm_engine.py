@@ -98,6 +98,19 @@ class SpecCounters:
         )
 
 
+def target_steps(outputs: list[list[int]], counters: SpecCounters) -> int:
+    """Target steps (one per request per engine step) that produced these outputs.
+
+    Every step after a request's prefill yields one token plus the drafted tokens it accepted,
+    whether or not it had a draft: vLLM's n-gram proposer drafts only where the context repeats,
+    and a batch-size schedule can set K = 0, so vLLM's count of drafts (its "acceptance length"
+    divides by it) would flatter such methods. Accepted tokens cut off by a stop rule make the
+    difference undercount by at most K per request; the number of drafts is a lower bound.
+    """
+    produced = sum(max(len(o) - 1, 0) for o in outputs)
+    return max(produced - counters.accepted_tokens, counters.drafts)
+
+
 def generate(
     llm,
     prompts: list[list[int]],
@@ -130,13 +143,9 @@ def generate(
     counters = SpecCounters.read(llm) - before
     outputs = [list(r.outputs[0].token_ids) for r in results]
     output_tokens = sum(len(o) for o in outputs)
-    if counters.drafts:
-        steps = counters.drafts
-    else:  # no speculation: one target step per token after each request's first
-        steps = sum(max(len(o) - 1, 0) for o in outputs)
     stats = DecodeStats(
         num_speculative_tokens=num_speculative_tokens,
-        target_steps=steps,
+        target_steps=target_steps(outputs, counters),
         draft_tokens=counters.draft_tokens,
         accepted_tokens=counters.accepted_tokens,
         accepted_by_position=list(counters.accepted_by_position),

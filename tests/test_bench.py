@@ -46,3 +46,15 @@ def test_identity_cell_reports_the_match_rate_when_known():
     rows[2].match_rate = 0.25
     assert identity(rows[2]) == "no (25% equal)"
     assert identity(_row("hf", 1, 5.0)) == "-"  # no ratios computed: no baseline compared
+
+
+def test_target_steps_count_steps_without_a_draft():
+    """Two requests of 10 tokens: 18 after their first tokens. If only 3 steps had a draft (n-gram)
+    and they accepted 4 tokens, 14 target steps ran, not 3; with a draft every step, the count of
+    drafts bounds it from below when a stop rule cut accepted tokens off."""
+    from chimera_vllm.vllm_engine import SpecCounters, target_steps
+
+    outputs = [list(range(10)), list(range(10))]
+    assert target_steps(outputs, SpecCounters(drafts=3, draft_tokens=9, accepted_tokens=4)) == 14
+    assert target_steps(outputs, SpecCounters()) == 18
+    assert target_steps(outputs, SpecCounters(drafts=8, draft_tokens=24, accepted_tokens=12)) == 8

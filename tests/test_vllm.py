@@ -27,7 +27,7 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from chimera_vllm.bench import Method  # noqa: E402
 from chimera_vllm.step_profile import COMPONENTS, profile_engine  # noqa: E402
-from chimera_vllm.vllm_engine import SpecCounters, close_llm  # noqa: E402
+from chimera_vllm.vllm_engine import SpecCounters, close_llm, target_steps  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks
 ENGINE = dict(
@@ -152,6 +152,7 @@ def test_vllm_counters_equal_the_reference_decoder(pair, chimera, trained_pair):
         ref.accepted_tokens,
     )
     assert list(got.accepted_by_position) == ref.accepted_by_position
+    assert target_steps(out, got) == ref.target_steps
     assert (ref.target_steps + ref.accepted_tokens) / ref.target_steps > 2.0  # the trained draft does work here
 
 
