@@ -292,6 +292,7 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
             args.max_new_tokens,
             eos_token_ids(tokenizer, generation_config(args.target)),
             args.steps,
+            args.temperature,
             max_model_len=args.max_model_len,
         )
         for method in args.methods
@@ -299,7 +300,8 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
     print(markdown_table(profiles))
     command = "chimera-vllm " + " ".join(sys.argv[1:])
     extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
-    write_report(profiles, out, command, {**extra, "batch_size": args.batch_size, "num_prompts": len(prompts)})
+    extra |= {"temperature": args.temperature, "batch_size": args.batch_size, "num_prompts": len(prompts)}
+    write_report(profiles, out, command, extra)
     print(f"written to {out}.json and .md; traces (chrome://tracing, Perfetto) under {out}-traces/")
 
 
@@ -551,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=128, help="enough that no request ends inside the profiled steps"
     )
     pp.add_argument("--steps", type=int, default=48, help="engine steps to profile, after the first four")
+    pp.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: rejection sampling")
     pp.add_argument("--dtype", default="bfloat16")
     pp.add_argument("--max-model-len", type=int, default=2048)
     pp.add_argument("--out", required=True, help="write OUT.json and OUT.md, and the traces under OUT-traces/")

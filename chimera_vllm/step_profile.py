@@ -30,6 +30,9 @@ COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("engine step", 0, r"gpu_model_runner\.py\(\d+\): (execute_model|sample_tokens)$"),
     ("target forward", 1, r"gpu_model_runner\.py\(\d+\): _model_forward$"),
     ("sampling / verification", 1, r"gpu_model_runner\.py\(\d+\): _sample$"),
+    ("temperature, top-k/p (verification)", 2, r"rejection_sampler\.py\(\d+\): apply_sampling_constraints$"),
+    ("rejection sampling", 2, r"rejection_sampler\.py\(\d+\): rejection_sample$"),
+    ("recovered tokens", 3, r"rejection_sampler\.py\(\d+\): sample_recovered_tokens$"),
     ("draft proposal", 1, r"gpu_model_runner\.py\(\d+\): propose_draft_token_ids$"),
     ("write context (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _write_context$"),
     ("draft model forward", 2, r"^nn\.Module: ChimeraDraftForVLLM_0$"),
@@ -101,9 +104,10 @@ def profile_engine(
     max_new_tokens: int = 128,
     stop_token_ids: set[int] | None = None,
     steps: int = 48,
+    temperature: float = 0.0,
     **engine_args,
 ) -> StepProfile:
-    """Greedy generation for prompts in one engine of this method, profiling ``steps`` engine steps
+    """Generation for prompts in one engine of this method, profiling ``steps`` engine steps
     after the first four (a trace holds ~0.3 MB per step; vLLM's summary table of a long one takes
     minutes)."""
     trace_dir.mkdir(parents=True, exist_ok=False)  # one trace per directory: read_trace finds it
@@ -121,7 +125,9 @@ def profile_engine(
     try:
         warm_up(llm, prompts[0])
         llm.start_profile()
-        generate(llm, prompts, max_new_tokens, stop_token_ids=stop_token_ids, num_speculative_tokens=method.k)
+        generate(
+            llm, prompts, max_new_tokens, temperature, stop_token_ids=stop_token_ids, num_speculative_tokens=method.k
+        )
         llm.stop_profile()
     finally:
         close_llm(llm)

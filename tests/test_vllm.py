@@ -368,7 +368,8 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
 
 def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     """The step profile's patterns name functions of vLLM's runner and of the draft: in a real
-    trace every component appears, and nested parts fit inside their parents."""
+    trace every component appears (at T > 0 vLLM's rejection sampler takes its random path), and
+    nested parts fit inside their parents."""
     target_dir, draft_dir, _, tokenizer = pair
     profile = profile_engine(
         str(target_dir),
@@ -379,6 +380,7 @@ def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
         dtype="float32",
         max_new_tokens=24,
         steps=6,
+        temperature=0.8,
         **{k: v for k, v in ENGINE.items() if k != "dtype"},
     )
     ms = profile.ms_per_step
@@ -386,5 +388,7 @@ def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     assert set(ms) == {label for label, _, _ in COMPONENTS}
     assert ms["engine step"] > ms["target forward"] + ms["sampling / verification"] + ms["draft proposal"]
     assert ms["draft proposal"] > ms["write context (Chimera)"] + ms["draft model forward"]
+    assert ms["sampling / verification"] > ms["temperature, top-k/p (verification)"] + ms["rejection sampling"]
+    assert ms["rejection sampling"] > ms["recovered tokens"]
     parts = ms["trigram encoder"] + ms["encoder layer"] + ms["residual heads"]
     assert ms["draft model forward"] > parts
