@@ -340,7 +340,7 @@ def plot(rows: list[Row], path: Path) -> None:
         label = method if len(panels) == 1 else f"{method}, {dtype}, T={temperature:g}"
         positions = range(1, len(r.acceptance_by_position) + 1)
         ax.plot(positions, r.acceptance_by_position, marker="o", label=label, color=colors[method])
-    ax.set(xlabel="draft position", ylabel="accepted per drafting step", title="acceptance by position", ylim=(0, 1))
+    ax.set(xlabel="draft position", ylabel="accepted per target step", title="acceptance by position", ylim=(0, 1))
     ax.xaxis.get_major_locator().set_params(integer=True)
     if smallest:
         ax.legend()

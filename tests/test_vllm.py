@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from chimera_vllm.bench import Method  # noqa: E402
-from chimera_vllm.step_profile import COMPONENTS, profile_engine  # noqa: E402
+from chimera_vllm.step_profile import COMPONENTS, profile_engine, read_trace  # noqa: E402
 from chimera_vllm.vllm_engine import SpecCounters, close_llm, target_steps  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks
@@ -390,5 +391,7 @@ def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     assert ms["draft proposal"] > ms["write context (Chimera)"] + ms["draft model forward"]
     assert ms["sampling / verification"] > ms["temperature, top-k/p (verification)"] + ms["rejection sampling"]
     assert ms["rejection sampling"] > ms["recovered tokens"]
+    names = {e.get("name", "") for e in read_trace(tmp_path / "trace")}
+    assert any(re.search(r"vllm_cpu_fix\.py\(\d+\): sample_recovered_tokens$", n) for n in names)  # the CPU fix ran
     parts = ms["trigram encoder"] + ms["encoder layer"] + ms["residual heads"]
     assert ms["draft model forward"] > parts
