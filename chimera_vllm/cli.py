@@ -163,18 +163,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_plot_training(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
-    from .training.trainer import plot_runs
+    from .training.trainer import plot_runs, read_train_log
 
-    runs = {}
-    for run in args.runs:
-        log = Path(run) / "train_log.jsonl"
-        if not log.is_file():
-            raise FileNotFoundError(f"no training log at {log} (give the folders that train --out wrote)")
-        runs[Path(run).name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    plot_runs(runs, Path(args.out))
+    plot_runs({Path(run).name: read_train_log(Path(run)) for run in args.runs}, Path(args.out))
     print(f"wrote {args.out}")
 
 

@@ -61,6 +61,8 @@ class TrainArgs:
 
 
 LABEL_SOURCES = ("data", "target")
+TRAIN_LOG = "train_log.jsonl"
+"""One JSON line of metrics per logged step, in the folder that ``train --out`` writes."""
 
 
 def learning_rate(args: TrainArgs, step: int) -> float:
@@ -125,6 +127,14 @@ def plot_history(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def read_train_log(run: Path) -> list[dict]:
+    """The metrics ``train`` logged in the folder run (its ``--out``)."""
+    log = run / TRAIN_LOG
+    if not log.is_file():
+        raise FileNotFoundError(f"no training log at {log} (give the folders that train --out wrote)")
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def plot_runs(runs: dict[str, list[dict]], path: Path) -> None:
@@ -240,7 +250,7 @@ def train(args: TrainArgs) -> Path:
 
     if rank == 0:
         draft.eval().save_pretrained(out)
-        with (out / "train_log.jsonl").open("w") as f:
+        with (out / TRAIN_LOG).open("w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
         if history:
             plot_history(history, out / "loss.png")
