@@ -349,12 +349,25 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "?"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+# The instruction sets that decide this project's CPU speeds: bf16 matmuls are native with
+# avx512_bf16 or AMX and emulated (slower than float32) with AVX2 alone.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """'<model name>, <the CPU_FEATURES it has>' from /proc/cpuinfo (platform.processor() elsewhere)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "?"
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + "/".join(CPU_FEATURES)
+    return f"{fields.get('model name', '?')}, {features}"
 
 
 def run_info(command: str) -> dict:
@@ -364,7 +377,7 @@ def run_info(command: str) -> dict:
 
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {_cpu_model()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "vllm": vllm.__version__,
         "torch": torch.__version__,

@@ -1,7 +1,8 @@
 """The README's first command: SmolLM2-135M-Instruct in vLLM on MT-bench turn 1, with and without Chimera.
 
-vLLM offline batch inference, greedy, over the 80 first-turn MT-bench questions: one
-engine without speculation and one with the Chimera draft shipped in
+vLLM offline batch inference, greedy, over first-turn MT-bench questions (32 of the 80,
+spread over the categories, so that a second run takes under 5 minutes on a 2-core CPU):
+one engine without speculation and one with the Chimera draft shipped in
 chimera_vllm/drafts. Prints output tokens/s, per-token latency, mean accepted length,
 speedup and whether the outputs are identical, and writes the report (JSON, markdown,
 PNG) under --out. ``make demo`` sets up .venv and the target first.
@@ -30,12 +31,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", default=TARGET)
     p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
     p.add_argument("--prompts", default=str(PROMPTS))
-    p.add_argument("--num-speculative-tokens", type=int, default=2)
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=32,
+        help="prompts taken evenly across the file (MT-bench: 4 of each category's 10 questions); 80: all",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=1,
+        help="1: on a CPU in float32 the draft's weights, read once per draft token, cost more than a "
+        "second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="vLLM's max_num_seqs")
     p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", default="runs/demo/mt-bench")
     return p.parse_args(argv)
+
+
+def spread(items: list, n: int) -> list:
+    """n items taken at even strides across the list, first one included (all of them if n >= len)."""
+    if n < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {n}")
+    if n >= len(items):
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def summary(rows: list[Row]) -> str:
@@ -59,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logs_to_stderr()
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
-    prompts = encode_prompts(args.prompts, tokenizer)
+    prompts = spread(encode_prompts(args.prompts, tokenizer), args.num_prompts)
     methods = [Method("none"), Method("chimera", args.num_speculative_tokens)]
     print(f"{args.target}, {len(prompts)} MT-bench turn-1 prompts, {args.max_new_tokens} new tokens, greedy,")
     print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")

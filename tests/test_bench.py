@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chimera_vllm.bench import Method, Row, add_ratios, identity, tuned_schedule
+from chimera_vllm.bench import Method, Row, add_ratios, cpu_description, identity, tuned_schedule
 
 
 def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") -> Row:
@@ -58,3 +58,11 @@ def test_target_steps_count_steps_without_a_draft():
     assert target_steps(outputs, SpecCounters(drafts=3, draft_tokens=9, accepted_tokens=4)) == 14
     assert target_steps(outputs, SpecCounters()) == 18
     assert target_steps(outputs, SpecCounters(drafts=8, draft_tokens=24, accepted_tokens=12)) == 8
+
+
+def test_cpu_description_names_the_model_and_the_instruction_sets_that_decide_bf16_speed():
+    cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n\nprocessor\t: 1\n"
+    assert cpu_description(cpuinfo) == "AMD EPYC, avx2"
+    xeon = "model name : Xeon\nflags : avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    assert cpu_description(xeon) == "Xeon, avx2 avx512f avx512_bf16 amx_bf16"
+    assert cpu_description("model name : Old\nflags : sse2\n") == "Old, none of avx2/avx512f/avx512_bf16/amx_bf16"

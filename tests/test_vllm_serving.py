@@ -189,10 +189,12 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
     prompts = prompts_file(tmp_path, tokenizer, 6, seed=29)
     out = tmp_path / "demo" / "report"
     args = ["--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
-    assert demo.main([*args, "--batch-size", "2", "--max-new-tokens", "24", "--out", str(out)]) == 0
+    options = ["--batch-size", "2", "--num-prompts", "5", "--num-speculative-tokens", "2", "--max-new-tokens", "24"]
+    assert demo.main([*args, *options, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     none, chimera = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert chimera["method"] == "chimera:2" and chimera["outputs_identical"] is True
+    assert none["num_prompts"] == chimera["num_prompts"] == 5
     line = next(x for x in printed.splitlines() if x.startswith("chimera:2"))
     assert line.split()[1:5] == [
         f"{chimera['output_tokens_per_s']:.1f}",
@@ -201,3 +203,11 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
         f"{chimera['speedup']:.2f}x",
     ]
     assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_demo_takes_its_prompts_evenly_across_the_file():
+    assert demo.spread(list(range(80)), 8) == list(range(0, 80, 10))  # one per MT-bench category
+    assert demo.spread(list(range(80)), 40) == list(range(0, 80, 2))
+    assert demo.spread([1, 2, 3], 5) == [1, 2, 3]
+    with pytest.raises(ValueError, match="--num-prompts must be at least 1, got 0"):
+        demo.spread([1, 2, 3], 0)
