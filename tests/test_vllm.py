@@ -19,6 +19,7 @@ from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.model import ChimeraDraft
+from chimera_vllm.target import load_target
 from chimera_vllm.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
 from chimera_vllm.training.trainer import TrainArgs, train
 
@@ -62,13 +63,18 @@ def pair(trained_pair, tmp_path_factory):
     target_dir, target, tokenizer, _, trained = trained_pair
     root = tmp_path_factory.mktemp("vllm_drafts")
     trained.save_pretrained(root / "trained")
-    random_draft = init_draft(target, str(target_dir), num_heads=4)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in random_draft.parameters():  # every weight random, so that no path hides behind zeros
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    random_draft.save_pretrained(root / "random")
+    save_random_draft(target, target_dir, root / "random")
     return target_dir, root / "trained", root / "random", tokenizer
+
+
+def save_random_draft(target, target_dir, out, seed: int = 0) -> None:
+    """An untrained draft with every weight random, so that no path hides behind zeros."""
+    draft = init_draft(target, str(target_dir), num_heads=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    draft.save_pretrained(out)
 
 
 def mixed_prompts(tokenizer, n: int = 32) -> list[list[int]]:
@@ -206,6 +212,23 @@ def test_fewer_speculative_tokens_than_heads(pair, baseline, k):
         assert SpecCounters.read(llm).draft_tokens > 0
     finally:
         close_llm(llm)
+
+
+def test_qwen2_target_is_lossless(pair, tmp_path):
+    """The other supported family (attention biases, tied embeddings) through vLLM's Qwen2 model."""
+    target = build_tiny_target(tmp_path / "qwen2", "qwen2")
+    save_random_draft(load_target(str(target)), target, tmp_path / "draft")
+    prompts = mixed_prompts(pair[3], 12)
+    outputs, drafted = [], 0
+    for spec in [(), (tmp_path / "draft", 3)]:
+        llm = make_engine(target, *spec)
+        try:
+            outputs.append(greedy(llm, prompts))
+            drafted = SpecCounters.read(llm).draft_tokens if spec else 0
+        finally:
+            close_llm(llm)
+    assert outputs[1] == outputs[0]
+    assert drafted > 0
 
 
 def test_draft_for_another_target_is_refused_before_start(pair, tmp_path):
