@@ -4,6 +4,10 @@ Head accuracy is measured teacher-forced against the target's own greedy
 continuation: for every position of it, head k sees what the drafting loop sees
 after the target verified the text up to k+1 tokens earlier, and is right when
 its top-1 (top-5) contains the token the target actually produced there.
+
+The same positions are also grouped by the target's own confidence in its token
+(its softmax probability there): where a draft misses tokens the target was sure of,
+the draft's capacity or data limit it; near the target's own ties, every draft misses.
 """
 
 from __future__ import annotations
@@ -19,6 +23,26 @@ from .model import ChimeraDraft, TargetParts
 from .target import final_hidden
 from .training.objective import draft_steps
 
+CONFIDENCE_EDGES = (0.5, 0.8, 0.95)
+"""Bounds of the target-confidence buckets: [0, 0.5), [0.5, 0.8), [0.8, 0.95), [0.95, 1]."""
+
+
+@dataclass
+class ConfidenceBucket:
+    """The positions where the target's probability of its own token lies in [low, high)."""
+
+    low: float
+    high: float
+    share: list[float]  # per head: the fraction of its positions in this bucket
+    head_top1: list[float]  # per head: its top-1 accuracy on them
+
+
+@dataclass
+class HeadAccuracy:
+    top1: list[float]
+    top5: list[float]
+    by_target_confidence: list[ConfidenceBucket]
+
 
 @dataclass
 class EvalResult:
@@ -28,6 +52,7 @@ class EvalResult:
     acceptance_by_position: list[float]
     head_top1: list[float]
     head_top5: list[float]
+    head_top1_by_target_confidence: list[ConfidenceBucket]
     outputs_identical: bool
 
     def to_dict(self) -> dict:
@@ -45,13 +70,18 @@ def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def head_accuracy(
     target: PreTrainedModel, draft: ChimeraDraft, sequences: list[tuple[list[int], list[int]]], num_steps: int
-) -> tuple[list[float], list[float]]:
-    """Teacher-forced top-1/top-5 of each head over (prompt, greedy continuation) pairs."""
+) -> HeadAccuracy:
+    """Teacher-forced top-1/top-5 of each head over (prompt, greedy continuation) pairs, and top-1 by
+    the target's confidence in each labelled token."""
     parts = TargetParts.from_model(target)
-    hits1, hits5, counts = torch.zeros(num_steps), torch.zeros(num_steps), torch.zeros(num_steps)
+    edges = torch.tensor(CONFIDENCE_EDGES)
+    buckets = len(CONFIDENCE_EDGES) + 1
+    hits1, hits5 = torch.zeros(num_steps, buckets), torch.zeros(num_steps)
+    counts = torch.zeros(num_steps, buckets)
     for prompt, continuation in sequences:
         ids = torch.tensor([prompt + continuation], device=target.device)
         hidden = final_hidden(target, ids)
+        confidence = (hidden[0].float() @ parts.lm_head_weight.float().T).softmax(dim=-1).amax(dim=-1).cpu()
         T, first_anchor = ids.shape[1], len(prompt) - 1
         for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
             # query p drafts x_{p+1} from anchor n = p-k-1; the anchor must be a verified
@@ -60,12 +90,26 @@ def head_accuracy(
             if len(p) == 0:
                 continue
             logits = draft.head_logits(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
-            rank = label_rank(logits, ids[0, p + 1])
-            hits1[k] += (rank < 1).sum().item()
+            rank = label_rank(logits, ids[0, p + 1]).cpu()
+            bucket = torch.bucketize(confidence[p.cpu()], edges, right=True)
+            hits1[k] += torch.bincount(bucket, weights=(rank < 1).float(), minlength=buckets)
             hits5[k] += (rank < 5).sum().item()
-            counts[k] += len(p)
-    counts = counts.clamp(min=1)
-    return (hits1 / counts).tolist(), (hits5 / counts).tolist()
+            counts[k] += torch.bincount(bucket, minlength=buckets).float()
+    total = counts.sum(dim=1).clamp(min=1)
+    bounds = (0.0, *CONFIDENCE_EDGES, 1.0)
+    return HeadAccuracy(
+        top1=(hits1.sum(dim=1) / total).tolist(),
+        top5=(hits5 / total).tolist(),
+        by_target_confidence=[
+            ConfidenceBucket(
+                low=bounds[b],
+                high=bounds[b + 1],
+                share=(counts[:, b] / total).tolist(),
+                head_top1=(hits1[:, b] / counts[:, b].clamp(min=1)).tolist(),
+            )
+            for b in range(buckets)
+        ],
+    )
 
 
 def evaluate(
@@ -87,13 +131,14 @@ def evaluate(
         spec += outputs
         steps += stats.target_steps
         accepted += torch.tensor(stats.accepted_by_position, dtype=torch.float)
-    top1, top5 = head_accuracy(target, draft, list(zip(prompts, plain)), num_steps)
+    heads = head_accuracy(target, draft, list(zip(prompts, plain)), num_steps)
     return EvalResult(
         num_prompts=len(prompts),
         num_speculative_tokens=num_steps,
         mean_accepted_length=1 + float(accepted.sum()) / max(steps, 1),
         acceptance_by_position=(accepted / max(steps, 1)).tolist(),
-        head_top1=top1,
-        head_top5=top5,
+        head_top1=heads.top1,
+        head_top5=heads.top5,
+        head_top1_by_target_confidence=heads.by_target_confidence,
         outputs_identical=plain == spec,
     )

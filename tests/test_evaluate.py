@@ -29,6 +29,9 @@ def test_a_target_that_always_says_token_zero(llama_dir):
     assert result.acceptance_by_position == [1.0, 1.0, 1.0]
     assert result.head_top1 == [1.0, 1.0, 1.0] and result.head_top5 == [1.0, 1.0, 1.0]
     assert result.outputs_identical
+    unsure, *others = result.head_top1_by_target_confidence  # uniform logits: probability 1/V everywhere
+    assert (unsure.low, unsure.share, unsure.head_top1) == (0.0, [1.0] * 3, [1.0] * 3)
+    assert all(b.share == [0.0] * 3 for b in others)
 
 
 def test_eval_agrees_with_the_decoder_and_ranks_drafts(trained_pair):
@@ -42,6 +45,25 @@ def test_eval_agrees_with_the_decoder_and_ranks_drafts(trained_pair):
     assert all(g > b for g, b in zip(good.head_top1, bad.head_top1))
     assert all(t5 >= t1 for t5, t1 in zip(good.head_top5, good.head_top1))
     assert good.head_top1[0] > 0.5 and good.outputs_identical
+
+
+def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_probabilities(trained_pair):
+    _, target, tokenizer, _, trained = trained_pair
+    prompts = grammar_prompts(tokenizer, 8, seed=321)
+    result = evaluate(target, trained, prompts, 4, 40, set())
+    buckets = result.head_top1_by_target_confidence
+    assert [(b.low, b.high) for b in buckets] == [(0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0)]
+    for k in range(4):
+        assert sum(b.share[k] for b in buckets) == pytest.approx(1.0)
+        assert sum(b.share[k] * b.head_top1[k] for b in buckets) == pytest.approx(result.head_top1[k])
+    # head 0 labels x_{p+1} for p from the last prompt position + 1 on: the target's probability there
+    probabilities = []
+    for prompt, continuation in zip(prompts, hf_greedy(target, prompts, 40, eos=-1)):
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + continuation])).logits[0].float()
+        probabilities += logits.softmax(-1).amax(-1)[len(prompt) : len(prompt) + len(continuation) - 1].tolist()
+    sure = sum(p >= 0.95 for p in probabilities) / len(probabilities)
+    assert buckets[3].share[0] == pytest.approx(sure, abs=1e-6) and 0 < sure < 1
 
 
 def test_eval_cli_json(capsys, trained_pair, tmp_path):
