@@ -3,7 +3,8 @@
 Head accuracy is measured teacher-forced against the target's own greedy
 continuation: for every position of it, head k sees what the drafting loop sees
 after the target verified the text up to k+1 tokens earlier, and is right when
-its top-1 (top-5) contains the token the target actually produced there.
+its top-1 (top-5) over the draft's vocabulary contains the token the target
+actually produced there.
 
 The same positions are also grouped by the target's own confidence in its token
 (its softmax probability there): where a draft misses tokens the target was sure of,
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -89,8 +91,11 @@ def head_accuracy(
             p = torch.arange(first_anchor + k + 1, T - 1, device=ids.device)
             if len(p) == 0:
                 continue
-            logits = draft.head_logits(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
-            rank = label_rank(logits, ids[0, p + 1]).cpu()
+            # over the draft vocabulary, as drafting scores: a token outside it is a miss
+            features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
+            labels = draft.draft_vocab_index(ids[0, p + 1], parts.lm_head_weight.shape[0])
+            rank = label_rank(F.linear(features, rows), labels.clamp(min=0))
+            rank = torch.where(labels < 0, rows.shape[0], rank).cpu()
             bucket = torch.bucketize(confidence[p.cpu()], edges, right=True)
             hits1[k] += torch.bincount(bucket, weights=(rank < 1).float(), minlength=buckets)
             hits5[k] += (rank < 5).sum().item()

@@ -316,6 +316,15 @@ class ChimeraDraft(nn.Module):
             vocab = vocab.index_select(0, self.draft_vocab)
         return features, vocab.to(features.dtype)
 
+    def draft_vocab_index(self, token_ids: Tensor, vocab_size: int) -> Tensor:
+        """Target token ids -> their indices in :meth:`draft_vocab_product`'s rows: -1 for a token
+        the draft cannot propose (the ids themselves when it has no vocabulary)."""
+        if self.draft_vocab is None:
+            return token_ids
+        index = torch.full((vocab_size,), -1, dtype=torch.long, device=token_ids.device)
+        index[self.draft_vocab] = torch.arange(len(self.draft_vocab), device=token_ids.device)
+        return index[token_ids]
+
     def set_draft_vocab(self, token_ids: Tensor) -> None:
         """Draft only these target tokens (the rest of the vocabulary gets probability 0).
 

@@ -34,6 +34,19 @@ def test_a_target_that_always_says_token_zero(llama_dir):
     assert all(b.share == [0.0] * 3 for b in others)
 
 
+def test_heads_are_scored_over_the_draft_vocabulary(llama_dir):
+    """The target always says token 0; a draft vocabulary without it can never propose it."""
+    target = load_target(str(llama_dir))
+    with torch.no_grad():
+        target.get_output_embeddings().weight.zero_()
+    draft = init_draft(target, str(llama_dir), num_heads=2)
+    draft.set_draft_vocab(torch.arange(1, 40))
+    result = evaluate(target, draft, [[5, 6, 7], [9]], 2, max_new_tokens=9, eos_token_ids=set())
+    assert result.mean_accepted_length == 1.0 and result.acceptance_by_position == [0.0, 0.0]
+    assert result.head_top1 == [0.0, 0.0] and result.head_top5 == [0.0, 0.0]
+    assert result.outputs_identical
+
+
 def test_eval_agrees_with_the_decoder_and_ranks_drafts(trained_pair):
     _, target, tokenizer, untrained, trained = trained_pair
     prompts = grammar_prompts(tokenizer, 8, seed=321)

@@ -123,12 +123,9 @@ class ChimeraObjective(nn.Module):
     def _draft_vocab_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Target ids [B, T] -> indices into the draft vocabulary (-1 where the draft cannot
         propose the token: no loss there), and the target LM-head rows of that vocabulary."""
-        vocab = self.draft.draft_vocab
-        if vocab is None:
-            return labels, self.parts.lm_head_weight
-        index = torch.full((self.parts.lm_head_weight.shape[0],), -1, dtype=torch.long, device=labels.device)
-        index[vocab] = torch.arange(len(vocab), device=labels.device)
-        return index[labels], self.parts.lm_head_weight.index_select(0, vocab)
+        vocab, rows = self.draft.draft_vocab, self.parts.lm_head_weight
+        index = self.draft.draft_vocab_index(labels, rows.shape[0])
+        return index, rows if vocab is None else rows.index_select(0, vocab)
 
     def forward(
         self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor, next_tokens: Tensor | None = None
