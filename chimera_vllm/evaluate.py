@@ -84,6 +84,7 @@ def head_accuracy(
         ids = torch.tensor([prompt + continuation], device=target.device)
         hidden = final_hidden(target, ids)
         confidence = (hidden[0].float() @ parts.lm_head_weight.float().T).softmax(dim=-1).amax(dim=-1).cpu()
+        draft_ids = draft.draft_vocab_index(ids[0], parts.lm_head_weight.shape[0])  # -1: outside its vocabulary
         T, first_anchor = ids.shape[1], len(prompt) - 1
         for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
             # query p drafts x_{p+1} from anchor n = p-k-1; the anchor must be a verified
@@ -93,7 +94,7 @@ def head_accuracy(
                 continue
             # over the draft vocabulary, as drafting scores: a token outside it is a miss
             features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
-            labels = draft.draft_vocab_index(ids[0, p + 1], parts.lm_head_weight.shape[0])
+            labels = draft_ids[p + 1]
             rank = label_rank(F.linear(features, rows), labels.clamp(min=0))
             rank = torch.where(labels < 0, rows.shape[0], rank).cpu()
             bucket = torch.bucketize(confidence[p.cpu()], edges, right=True)
