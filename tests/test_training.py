@@ -26,6 +26,7 @@ from chimera_vllm.training.data import (
 from chimera_vllm.training.hidden_cache import HiddenCache
 from chimera_vllm.training.objective import (
     ChimeraObjective,
+    GreedyLabels,
     LossWeights,
     draft_steps,
     greedy_next_tokens,
@@ -305,6 +306,20 @@ def test_greedy_next_tokens_are_the_targets_argmax_after_every_position(llama_ta
     expected = llama_target(ids).logits.argmax(-1)
     got = greedy_next_tokens(hidden, TargetParts.from_model(llama_target).lm_head_weight, chunk=7)
     assert torch.equal(got, expected)
+
+
+def test_greedy_labels_are_computed_once_per_sequence(llama_target):
+    """Later epochs get the first epoch's labels in any batch order and padding, without the
+    hidden states (here zeros, whose own argmax would differ)."""
+    lm_head = TargetParts.from_model(llama_target).lm_head_weight
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(6))
+    hidden = final_hidden(llama_target, ids)
+    labels = GreedyLabels(lm_head, lengths=[12, 9, 12])
+    first = labels.batch([0, 1, 2], hidden)
+    assert torch.equal(first, greedy_next_tokens(hidden, lm_head))
+    again = labels.batch([2, 1], torch.zeros(2, 12, hidden.shape[-1]))
+    assert torch.equal(again[0], first[2])
+    assert torch.equal(again[1, :9], first[1, :9])
 
 
 def test_target_labels_train_toward_the_targets_greedy_choice(llama_target, llama_dir, tmp_path):

@@ -26,7 +26,7 @@ from ..model import ChimeraDraft, TargetParts
 from ..target import final_hidden, load_target
 from .data import batch_indices, collate, frequent_response_tokens, read_sequences
 from .hidden_cache import HiddenCache, cache_key, open_hidden_cache
-from .objective import ChimeraObjective, LossWeights, greedy_next_tokens
+from .objective import ChimeraObjective, GreedyLabels, LossWeights
 
 
 @dataclass
@@ -222,6 +222,9 @@ def train(args: TrainArgs) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+    greedy = None
+    if args.labels == "target":
+        greedy = GreedyLabels(parts.lm_head_weight, [len(s.input_ids) for s in data])
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or not args.progress)
     for step in bar:
         indices = batch_indices(len(data), args.batch_size, step, args.seed, rank, world)
@@ -233,7 +236,7 @@ def train(args: TrainArgs) -> Path:
                 hidden = final_hidden(target, ids, attn.long())
         chimera_objective.reseed(args.seed * 1_000_003 + step * world + rank)
         with autocast:
-            next_tokens = greedy_next_tokens(hidden, parts.lm_head_weight)[:, :-1] if args.labels == "target" else None
+            next_tokens = greedy.batch(indices, hidden)[:, :-1] if greedy is not None else None
             loss, metrics = objective(ids, hidden, labels, next_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
