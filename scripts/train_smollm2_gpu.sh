@@ -12,7 +12,8 @@
 # GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
 # INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
-# EVAL_PROMPTS, PYTHON. Drafts that share RUN share its data: several can train at once.
+# TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON.
+# Drafts that share RUN share its data: several can train at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/gpu}
@@ -32,6 +33,7 @@ BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 INIT_DRAFT=${INIT_DRAFT:-}
 HEAD_TYPE=${HEAD_TYPE:-residual}
+read -ra TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
 EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
 PYTHON=${PYTHON:-python3}
@@ -92,7 +94,7 @@ echo "$(wc -l < "$RUN/data.jsonl") training sequences"
 stage "train ($STEPS steps of batch $BATCH)"
 cli train --target $TARGET --data "$RUN/data.jsonl" --out "$DRAFT" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \
     --head-type "$HEAD_TYPE" --labels target --draft-vocab-size 8192 --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
-    --warmup-steps 50 --save-every 100 --log-every 20 --dtype bfloat16
+    --warmup-steps 50 --save-every 100 --log-every 20 --dtype bfloat16 ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 
 stage "evaluate on MT-bench turn 1 (K = 4, float32)"
 if [ ! -s "$DRAFT/eval.json" ]; then
