@@ -80,10 +80,11 @@ def head_accuracy(
     buckets = len(CONFIDENCE_EDGES) + 1
     hits1, hits5 = torch.zeros(num_steps, buckets), torch.zeros(num_steps)
     counts = torch.zeros(num_steps, buckets)
+    lm_head = parts.lm_head_weight.float()  # once: for a bf16 target, a vocabulary-sized copy
     for prompt, continuation in sequences:
         ids = torch.tensor([prompt + continuation], device=target.device)
         hidden = final_hidden(target, ids)
-        confidence = (hidden[0].float() @ parts.lm_head_weight.float().T).softmax(dim=-1).amax(dim=-1).cpu()
+        confidence = (hidden[0].float() @ lm_head.T).softmax(dim=-1).amax(dim=-1).cpu()
         draft_ids = draft.draft_vocab_index(ids[0], parts.lm_head_weight.shape[0])  # -1: outside its vocabulary
         T, first_anchor = ids.shape[1], len(prompt) - 1
         for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
