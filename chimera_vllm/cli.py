@@ -107,10 +107,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{'head':>6}{'acceptance':>12}{'top-1':>8}{'top-5':>8}")
     for i in range(k):
         print(f"{i:>6}{result.acceptance_by_position[i]:>12.3f}{result.head_top1[i]:>8.3f}{result.head_top5[i]:>8.3f}")
-    print("head top-1 where the target's probability of its token is in [low, high) (share of positions):")
-    for b in result.head_top1_by_target_confidence:
-        cells = "  ".join(f"{t:.3f} ({s:.2f})" for t, s in zip(b.head_top1, b.share))
-        print(f"  [{b.low:.2f}, {b.high:.2f})  {cells}")
+    for whose, buckets in (
+        ("the target's probability of its token", result.head_top1_by_target_confidence),
+        ("the draft's probability of its top token", result.head_top1_by_draft_confidence),
+    ):
+        print(f"head top-1 where {whose} is in [low, high) (share of positions):")
+        for b in buckets:
+            cells = "  ".join(f"{t:.3f} ({s:.2f})" for t, s in zip(b.head_top1, b.share))
+            print(f"  [{b.low:.2f}, {b.high:.2f})  {cells}")
 
 
 def cmd_init_draft(args: argparse.Namespace) -> None:

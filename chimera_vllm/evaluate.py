@@ -9,6 +9,8 @@ actually produced there.
 The same positions are also grouped by the target's own confidence in its token
 (its softmax probability there): where a draft misses tokens the target was sure of,
 the draft's capacity or data limit it; near the target's own ties, every draft misses.
+And by the draft's own confidence in its top token (its calibration): what a policy that
+drafts fewer tokens when the draft is unsure would keep and drop.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from .target import final_hidden
 from .training.objective import draft_steps
 
 CONFIDENCE_EDGES = (0.5, 0.8, 0.95)
-"""Bounds of the target-confidence buckets: [0, 0.5), [0.5, 0.8), [0.8, 0.95), [0.95, 1]."""
+"""Bounds of the confidence buckets: [0, 0.5), [0.5, 0.8), [0.8, 0.95), [0.95, 1]."""
 
 
 @dataclass
 class ConfidenceBucket:
-    """The positions where the target's probability of its own token lies in [low, high)."""
+    """The positions where a probability (the target's of its token, or the draft's of its top token)
+    lies in [low, high)."""
 
     low: float
     high: float
@@ -44,6 +47,34 @@ class HeadAccuracy:
     top1: list[float]
     top5: list[float]
     by_target_confidence: list[ConfidenceBucket]
+    by_draft_confidence: list[ConfidenceBucket]
+
+
+class _BucketTally:
+    """Top-1 hits and position counts per head and confidence bucket."""
+
+    def __init__(self, num_steps: int):
+        self.edges = torch.tensor(CONFIDENCE_EDGES)
+        self.hits = torch.zeros(num_steps, len(CONFIDENCE_EDGES) + 1)
+        self.counts = torch.zeros_like(self.hits)
+
+    def add(self, step: int, confidence: torch.Tensor, hit: torch.Tensor) -> None:
+        bucket = torch.bucketize(confidence, self.edges, right=True)
+        self.hits[step] += torch.bincount(bucket, weights=hit.float(), minlength=self.hits.shape[1])
+        self.counts[step] += torch.bincount(bucket, minlength=self.hits.shape[1]).float()
+
+    def buckets(self) -> list[ConfidenceBucket]:
+        total = self.counts.sum(dim=1).clamp(min=1)
+        bounds = (0.0, *CONFIDENCE_EDGES, 1.0)
+        return [
+            ConfidenceBucket(
+                low=bounds[b],
+                high=bounds[b + 1],
+                share=(self.counts[:, b] / total).tolist(),
+                head_top1=(self.hits[:, b] / self.counts[:, b].clamp(min=1)).tolist(),
+            )
+            for b in range(self.hits.shape[1])
+        ]
 
 
 @dataclass
@@ -55,6 +86,7 @@ class EvalResult:
     head_top1: list[float]
     head_top5: list[float]
     head_top1_by_target_confidence: list[ConfidenceBucket]
+    head_top1_by_draft_confidence: list[ConfidenceBucket]
     outputs_identical: bool
 
     def to_dict(self) -> dict:
@@ -74,12 +106,10 @@ def head_accuracy(
     target: PreTrainedModel, draft: ChimeraDraft, sequences: list[tuple[list[int], list[int]]], num_steps: int
 ) -> HeadAccuracy:
     """Teacher-forced top-1/top-5 of each head over (prompt, greedy continuation) pairs, and top-1 by
-    the target's confidence in each labelled token."""
+    the target's confidence in each labelled token and by the draft's in its own top token."""
     parts = TargetParts.from_model(target)
-    edges = torch.tensor(CONFIDENCE_EDGES)
-    buckets = len(CONFIDENCE_EDGES) + 1
-    hits1, hits5 = torch.zeros(num_steps, buckets), torch.zeros(num_steps)
-    counts = torch.zeros(num_steps, buckets)
+    by_target, by_draft = _BucketTally(num_steps), _BucketTally(num_steps)
+    hits5, counts = torch.zeros(num_steps), torch.zeros(num_steps)
     lm_head = parts.lm_head_weight.float()  # once: for a bf16 target, a vocabulary-sized copy
     for prompt, continuation in sequences:
         ids = torch.tensor([prompt + continuation], device=target.device)
@@ -95,27 +125,20 @@ def head_accuracy(
                 continue
             # over the draft vocabulary, as drafting scores: a token outside it is a miss
             features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
+            logits = F.linear(features, rows)
             labels = draft_ids[p + 1]
-            rank = label_rank(F.linear(features, rows), labels.clamp(min=0))
+            rank = label_rank(logits, labels.clamp(min=0))
             rank = torch.where(labels < 0, rows.shape[0], rank).cpu()
-            bucket = torch.bucketize(confidence[p.cpu()], edges, right=True)
-            hits1[k] += torch.bincount(bucket, weights=(rank < 1).float(), minlength=buckets)
+            by_target.add(k, confidence[p.cpu()], rank < 1)
+            by_draft.add(k, logits.float().softmax(dim=-1).amax(dim=-1).cpu(), rank < 1)
             hits5[k] += (rank < 5).sum().item()
-            counts[k] += torch.bincount(bucket, minlength=buckets).float()
-    total = counts.sum(dim=1).clamp(min=1)
-    bounds = (0.0, *CONFIDENCE_EDGES, 1.0)
+            counts[k] += len(p)
+    total = counts.clamp(min=1)
     return HeadAccuracy(
-        top1=(hits1.sum(dim=1) / total).tolist(),
+        top1=(by_target.hits.sum(dim=1) / total).tolist(),
         top5=(hits5 / total).tolist(),
-        by_target_confidence=[
-            ConfidenceBucket(
-                low=bounds[b],
-                high=bounds[b + 1],
-                share=(counts[:, b] / total).tolist(),
-                head_top1=(hits1[:, b] / counts[:, b].clamp(min=1)).tolist(),
-            )
-            for b in range(buckets)
-        ],
+        by_target_confidence=by_target.buckets(),
+        by_draft_confidence=by_draft.buckets(),
     )
 
 
@@ -147,5 +170,6 @@ def evaluate(
         head_top1=heads.top1,
         head_top5=heads.top5,
         head_top1_by_target_confidence=heads.by_target_confidence,
+        head_top1_by_draft_confidence=heads.by_draft_confidence,
         outputs_identical=plain == spec,
     )

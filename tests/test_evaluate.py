@@ -32,6 +32,9 @@ def test_a_target_that_always_says_token_zero(llama_dir):
     unsure, *others = result.head_top1_by_target_confidence  # uniform logits: probability 1/V everywhere
     assert (unsure.low, unsure.share, unsure.head_top1) == (0.0, [1.0] * 3, [1.0] * 3)
     assert all(b.share == [0.0] * 3 for b in others)
+    unsure, *others = result.head_top1_by_draft_confidence  # the draft's logits are uniform too
+    assert (unsure.low, unsure.share, unsure.head_top1) == (0.0, [1.0] * 3, [1.0] * 3)
+    assert all(b.share == [0.0] * 3 for b in others)
 
 
 def test_heads_are_scored_over_the_draft_vocabulary(llama_dir):
@@ -77,6 +80,24 @@ def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_prob
         probabilities += logits.softmax(-1).amax(-1)[len(prompt) : len(prompt) + len(continuation) - 1].tolist()
     sure = sum(p >= 0.95 for p in probabilities) / len(probabilities)
     assert buckets[3].share[0] == pytest.approx(sure, abs=1e-6) and 0 < sure < 1
+
+
+def test_head_accuracy_by_draft_confidence_adds_up_and_is_calibrated(trained_pair):
+    """Grouped by the draft's probability of its own top token: the shares and hits add up to the
+    head's top-1, and a trained draft is right more often where it is sure than where it is not."""
+    _, target, tokenizer, untrained, trained = trained_pair
+    prompts = grammar_prompts(tokenizer, 8, seed=321)
+    result = evaluate(target, trained, prompts, 4, 40, set())
+    buckets = result.head_top1_by_draft_confidence
+    assert [(b.low, b.high) for b in buckets] == [(0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0)]
+    for k in range(4):
+        assert sum(b.share[k] for b in buckets) == pytest.approx(1.0)
+        assert sum(b.share[k] * b.head_top1[k] for b in buckets) == pytest.approx(result.head_top1[k])
+    unsure, sure = buckets[0], buckets[3]
+    assert unsure.share[0] > 0 and sure.share[0] > 0
+    assert sure.head_top1[0] > unsure.head_top1[0]
+    # the untrained draft's heads are the target's own LM head on other features: rarely sure
+    assert evaluate(target, untrained, prompts, 4, 40, set()).head_top1_by_draft_confidence[3].share[0] < sure.share[0]
 
 
 def test_eval_cli_json(capsys, trained_pair, tmp_path):
