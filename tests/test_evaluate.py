@@ -63,15 +63,26 @@ def test_eval_agrees_with_the_decoder_and_ranks_drafts(trained_pair):
     assert good.head_top1[0] > 0.5 and good.outputs_identical
 
 
-def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_probabilities(trained_pair):
-    _, target, tokenizer, _, trained = trained_pair
+@pytest.fixture(scope="module")
+def trained_eval(trained_pair):
+    """(target, tokenizer, untrained draft, prompts, the trained draft's EvalResult at K = 4)."""
+    _, target, tokenizer, untrained, trained = trained_pair
     prompts = grammar_prompts(tokenizer, 8, seed=321)
-    result = evaluate(target, trained, prompts, 4, 40, set())
-    buckets = result.head_top1_by_target_confidence
+    return target, tokenizer, untrained, prompts, evaluate(target, trained, prompts, 4, 40, set())
+
+
+def assert_buckets_add_up(buckets, head_top1: list[float]) -> None:
+    """The four buckets' shares sum to 1 per head, and their hits to the head's top-1."""
     assert [(b.low, b.high) for b in buckets] == [(0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0)]
-    for k in range(4):
+    for k, top1 in enumerate(head_top1):
         assert sum(b.share[k] for b in buckets) == pytest.approx(1.0)
-        assert sum(b.share[k] * b.head_top1[k] for b in buckets) == pytest.approx(result.head_top1[k])
+        assert sum(b.share[k] * b.head_top1[k] for b in buckets) == pytest.approx(top1)
+
+
+def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_probabilities(trained_eval):
+    target, _, _, prompts, result = trained_eval
+    buckets = result.head_top1_by_target_confidence
+    assert_buckets_add_up(buckets, result.head_top1)
     # head 0 labels x_{p+1} for p from the last prompt position + 1 on: the target's probability there
     probabilities = []
     for prompt, continuation in zip(prompts, hf_greedy(target, prompts, 40, eos=-1)):
@@ -82,17 +93,12 @@ def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_prob
     assert buckets[3].share[0] == pytest.approx(sure, abs=1e-6) and 0 < sure < 1
 
 
-def test_head_accuracy_by_draft_confidence_adds_up_and_is_calibrated(trained_pair):
-    """Grouped by the draft's probability of its own top token: the shares and hits add up to the
-    head's top-1, and a trained draft is right more often where it is sure than where it is not."""
-    _, target, tokenizer, untrained, trained = trained_pair
-    prompts = grammar_prompts(tokenizer, 8, seed=321)
-    result = evaluate(target, trained, prompts, 4, 40, set())
+def test_head_accuracy_by_draft_confidence_adds_up_and_is_calibrated(trained_eval):
+    """Grouped by the draft's probability of its own top token: a trained draft is right more often
+    where it is sure than where it is not, and sure more often than an untrained one."""
+    target, _, untrained, prompts, result = trained_eval
     buckets = result.head_top1_by_draft_confidence
-    assert [(b.low, b.high) for b in buckets] == [(0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0)]
-    for k in range(4):
-        assert sum(b.share[k] for b in buckets) == pytest.approx(1.0)
-        assert sum(b.share[k] * b.head_top1[k] for b in buckets) == pytest.approx(result.head_top1[k])
+    assert_buckets_add_up(buckets, result.head_top1)
     unsure, sure = buckets[0], buckets[3]
     assert unsure.share[0] > 0 and sure.share[0] > 0
     assert sure.head_top1[0] > unsure.head_top1[0]
