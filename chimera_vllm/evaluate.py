@@ -109,7 +109,7 @@ def head_accuracy(
     the target's confidence in each labelled token and by the draft's in its own top token."""
     parts = TargetParts.from_model(target)
     by_target, by_draft = _BucketTally(num_steps), _BucketTally(num_steps)
-    hits5, counts = torch.zeros(num_steps), torch.zeros(num_steps)
+    hits5 = torch.zeros(num_steps)
     lm_head = parts.lm_head_weight.float()  # once: for a bf16 target, a vocabulary-sized copy
     for prompt, continuation in sequences:
         ids = torch.tensor([prompt + continuation], device=target.device)
@@ -132,8 +132,7 @@ def head_accuracy(
             by_target.add(k, confidence[p.cpu()], rank < 1)
             by_draft.add(k, logits.float().softmax(dim=-1).amax(dim=-1).cpu(), rank < 1)
             hits5[k] += (rank < 5).sum().item()
-            counts[k] += len(p)
-    total = counts.clamp(min=1)
+    total = by_target.counts.sum(dim=1).clamp(min=1)  # positions scored per head
     return HeadAccuracy(
         top1=(by_target.hits.sum(dim=1) / total).tolist(),
         top5=(hits5 / total).tolist(),
