@@ -18,50 +18,78 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .vllm_engine import chimera_spec, close_llm, generate, make_llm, medusa_spec, ngram_spec, warm_up
+from .prompt_lookup import DRAFT_TOKENS_KEY
+from .vllm_engine import (
+    NGRAM_LOOKUP,
+    chimera_spec,
+    close_llm,
+    generate,
+    make_llm,
+    medusa_spec,
+    ngram_spec,
+    warm_up,
+)
 
-METHODS = ("none", "ngram", "chimera", "medusa", "hf")
+HYBRID = "chimera+ngram"
+METHODS = ("none", "ngram", "chimera", "medusa", "hf", HYBRID)
 
 
 @dataclass(frozen=True)
 class Method:
     """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4").
 
-    "hf" is an outside baseline, not a vLLM engine: transformers' ``generate``, one
-    request at a time (what a single-user CPU setup might run instead of vLLM).
+    "chimera+ngram:K:D" is the Chimera draft with prompt lookup beside it: the lookup's
+    drafts where it finds a match (up to K tokens), D tokens of the draft model elsewhere
+    ("chimera+ngram:K" for D = K). "hf" is an outside baseline, not a vLLM engine:
+    transformers' ``generate``, one request at a time (what a single-user CPU setup might
+    run instead of vLLM).
     """
 
     name: str
     k: int = 0
     # vLLM's num_speculative_tokens_per_batch_size: (first, last batch size, K) ranges; k is their max
     schedule: tuple[tuple[int, int, int], ...] | None = None
+    draft_k: int | None = None  # chimera+ngram: the draft model's tokens per step
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        name, _, k = text.partition(":")
-        if name not in METHODS or (name in ("none", "hf")) != (k == ""):
-            raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K or medusa:K")
-        return cls(name, int(k) if k else 0)
+        name, _, rest = text.partition(":")
+        k, _, draft_k = rest.partition(":")
+        valid = (
+            name in METHODS
+            and (name in ("none", "hf")) == (k == "")
+            and (draft_k == "" or name == HYBRID)
+            and all(part.isdigit() for part in (k, draft_k) if part)
+        )
+        if not valid:
+            raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K")
+        return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
 
     def __str__(self) -> str:
         if self.schedule:
             return f"{self.name}:auto"
+        if self.draft_k is not None:
+            return f"{self.name}:{self.k}:{self.draft_k}"
         return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
         """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
         if self.name == "ngram":
             return ngram_spec(self.k)
-        if self.name in ("chimera", "medusa"):
-            path = drafts.get(self.name)
+        if self.name in ("chimera", "medusa", HYBRID):
+            kind = "medusa" if self.name == "medusa" else "chimera"
+            path = drafts.get(kind)
             if path is None:
-                raise ValueError(f"the {self.name} method needs --{'draft' if self.name == 'chimera' else 'medusa'}")
+                raise ValueError(f"the {self.name} method needs --{'draft' if kind == 'chimera' else 'medusa'}")
             if self.name == "medusa":
                 return medusa_spec(path, self.k)
             if self.schedule:
                 return chimera_spec(
                     path, self.k, num_speculative_tokens_per_batch_size=[list(e) for e in self.schedule]
                 )
+            if self.name == HYBRID:
+                lookup = {**NGRAM_LOOKUP, **({DRAFT_TOKENS_KEY: self.draft_k} if self.draft_k else {})}
+                return chimera_spec(path, self.k, **lookup)
             return chimera_spec(path, self.k)
         return None
 

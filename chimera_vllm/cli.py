@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["none", "ngram:4", "chimera:4"],
-        help="none, ngram:K, chimera:K, medusa:K, hf (transformers generate at batch 1)",
+        help="none, ngram:K, chimera:K, chimera+ngram:K[:D] (prompt lookup beside the draft, D draft-model tokens), "
+        "medusa:K, hf (transformers generate at batch 1)",
     )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     b.add_argument("--dtypes", nargs="+", default=["bfloat16"])

@@ -15,6 +15,7 @@ drafts fewer tokens when the draft is unsure would keep and drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,6 +102,50 @@ def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return before.sum(dim=1)
 
 
+def head_logits(
+    draft: ChimeraDraft, parts: TargetParts, ids: torch.Tensor, hidden: torch.Tensor, first_anchor: int, num_steps: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced (k, positions p, logits [len(p), draft vocabulary]) of every head over one
+    sequence ids [1, T] with the target's hidden states: query p drafts x_{p+1} from anchor
+    n = p-k-1, and the anchor must be a verified position of the continuation's decoding
+    (n >= first_anchor, the last prompt position). Over the draft vocabulary, as drafting
+    scores: a token outside it is never proposed."""
+    for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
+        p = torch.arange(first_anchor + k + 1, ids.shape[1] - 1, device=ids.device)
+        if len(p):
+            features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
+            yield k, p, F.linear(features, rows)
+
+
+@torch.no_grad()
+def draft_top1(
+    target: PreTrainedModel, draft: ChimeraDraft, tokens: list[int], prompt_len: int, num_steps: int
+) -> torch.Tensor:
+    """top1[k, p]: the target token head k drafts at query p (for x_{p+1}), teacher-forced over
+    tokens = prompt + the target's greedy continuation; -1 where no anchor of the decoding reaches."""
+    parts = TargetParts.from_model(target)
+    ids = torch.tensor([tokens], device=target.device)
+    top1 = torch.full((num_steps, len(tokens)), -1, dtype=torch.long)
+    for k, p, logits in head_logits(draft, parts, ids, final_hidden(target, ids), prompt_len - 1, num_steps):
+        index = logits.argmax(dim=-1)
+        top1[k, p.cpu()] = (index if draft.draft_vocab is None else draft.draft_vocab[index]).cpu()
+    return top1
+
+
+def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int], int]:
+    """accepts(n, s): how many of the s tokens the draft drafts at anchor n greedy decoding keeps
+    (its drafts from :func:`draft_top1`'s table, matched against tokens)."""
+    table = top1.tolist()
+
+    def accepts(n: int, s: int) -> int:
+        kept = 0
+        while kept < s and n + kept + 2 < len(tokens) and table[kept][n + kept + 1] == tokens[n + kept + 2]:
+            kept += 1
+        return kept
+
+    return accepts
+
+
 @torch.no_grad()
 def head_accuracy(
     target: PreTrainedModel, draft: ChimeraDraft, sequences: list[tuple[list[int], list[int]]], num_steps: int
@@ -116,19 +161,10 @@ def head_accuracy(
         hidden = final_hidden(target, ids)
         confidence = (hidden[0].float() @ lm_head.T).softmax(dim=-1).amax(dim=-1).cpu()
         draft_ids = draft.draft_vocab_index(ids[0], parts.lm_head_weight.shape[0])  # -1: outside its vocabulary
-        T, first_anchor = ids.shape[1], len(prompt) - 1
-        for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
-            # query p drafts x_{p+1} from anchor n = p-k-1; the anchor must be a verified
-            # position of the continuation's decoding (n >= last prompt position).
-            p = torch.arange(first_anchor + k + 1, T - 1, device=ids.device)
-            if len(p) == 0:
-                continue
-            # over the draft vocabulary, as drafting scores: a token outside it is a miss
-            features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
-            logits = F.linear(features, rows)
+        for k, p, logits in head_logits(draft, parts, ids, hidden, len(prompt) - 1, num_steps):
             labels = draft_ids[p + 1]
             rank = label_rank(logits, labels.clamp(min=0))
-            rank = torch.where(labels < 0, rows.shape[0], rank).cpu()
+            rank = torch.where(labels < 0, logits.shape[1], rank).cpu()
             by_target.add(k, confidence[p.cpu()], rank < 1)
             by_draft.add(k, logits.float().softmax(dim=-1).amax(dim=-1).cpu(), rank < 1)
             hits5[k] += (rank < 5).sum().item()

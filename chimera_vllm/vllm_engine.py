@@ -36,14 +36,13 @@ def chimera_spec(draft: str | None, num_speculative_tokens: int | None = None, *
     return spec
 
 
+NGRAM_LOOKUP = {"prompt_lookup_max": 5, "prompt_lookup_min": 2}
+"""vLLM's documented n-gram settings: match the last 5 down to 2 tokens."""
+
+
 def ngram_spec(num_speculative_tokens: int) -> dict:
     """vLLM's built-in n-gram (prompt lookup) proposer with its documented defaults."""
-    return {
-        "method": "ngram",
-        "num_speculative_tokens": num_speculative_tokens,
-        "prompt_lookup_max": 5,
-        "prompt_lookup_min": 2,
-    }
+    return {"method": "ngram", "num_speculative_tokens": num_speculative_tokens, **NGRAM_LOOKUP}
 
 
 def medusa_spec(model: str, num_speculative_tokens: int) -> dict:

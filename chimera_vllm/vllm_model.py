@@ -35,6 +35,7 @@ from vllm.utils.torch_utils import _encode_layer_name
 from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
+from .prompt_lookup import PromptLookup
 from .vllm_cpu_gemm import CpuDraftGemms
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
@@ -265,7 +266,9 @@ def check_draft_for_target(config: ChimeraConfig, target_hf_config, num_speculat
 
 def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:
     spec = vllm_config.speculative_config
-    check_draft_for_target(config, vllm_config.model_config.hf_config, spec.num_speculative_tokens)
+    lookup = PromptLookup.of(spec.draft_model_config.hf_config)
+    k = spec.num_speculative_tokens if lookup is None else lookup.draft_model_tokens(spec.num_speculative_tokens)
+    check_draft_for_target(config, vllm_config.model_config.hf_config, k)
     if vllm_config.use_v2_model_runner:
         raise ChimeraConfigError(
             "Chimera drafts run on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 forces V2: unset it"

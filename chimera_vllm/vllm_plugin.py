@@ -26,6 +26,7 @@ from typing import Any
 
 from . import vllm_cpu_fix
 from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
+from .prompt_lookup import PromptLookup
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,11 @@ def _route_chimera_drafts_to_eagle() -> None:
         @functools.wraps(original)
         def create_speculative_config(self, target_model_config, target_parallel_config):
             spec = self.speculative_config if isinstance(self.speculative_config, dict) else {}
+            spec = {key.replace("-", "_"): value for key, value in spec.items()}
             model = spec.get("model", self.spec_model)
             config = chimera_draft_config(model)
+            if isinstance(self.speculative_config, dict):
+                self.speculative_config = spec
             if spec and ("method" in spec or self.spec_method is None):
                 self.speculative_config = {
                     **spec,
@@ -142,7 +146,10 @@ def _route_chimera_drafts_to_eagle() -> None:
                 }
             else:
                 self.spec_method = speculative_method(self.spec_method, model, config is not None)
+            lookup = None
             if config is not None:
+                if isinstance(self.speculative_config, dict):  # vLLM keeps these for its n-gram method only
+                    lookup = PromptLookup.pop_from_spec(self.speculative_config)
                 k = spec.get("num_speculative_tokens", self.spec_tokens)
                 if k is None:  # default: one token per trained head
                     k = config.num_heads
@@ -150,8 +157,13 @@ def _route_chimera_drafts_to_eagle() -> None:
                         self.speculative_config["num_speculative_tokens"] = k
                     else:
                         self.spec_tokens = k
-                _check_before_start(config, k, target_model_config)
-            return original(self, target_model_config, target_parallel_config)
+                if lookup is not None:
+                    lookup.check(k)
+                _check_before_start(config, k if lookup is None else lookup.draft_model_tokens(k), target_model_config)
+            speculative_config = original(self, target_model_config, target_parallel_config)
+            if lookup is not None:
+                lookup.attach(speculative_config.draft_model_config.hf_config)
+            return speculative_config
 
         return create_speculative_config
 

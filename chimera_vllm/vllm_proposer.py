@@ -27,6 +27,8 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
+from .config import ChimeraConfigError
+from .prompt_lookup import PromptLookup
 from .vllm_model import carries_chimera_config
 
 
@@ -40,9 +42,11 @@ def is_chimera_vllm_config(vllm_config: VllmConfig) -> bool:
 
 
 def slots_of(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """KV slots of one position per request: positions [B], block_table [B, blocks] -> [B]."""
-    block = block_table.gather(1, (positions // block_size).long()[:, None])[:, 0]
-    return block.long() * block_size + positions % block_size
+    """KV slots of positions [B, N] of each request (or one position per request, [B] -> [B])."""
+    per_request = positions.long() if positions.dim() == 2 else positions.long()[:, None]
+    block = block_table.gather(1, per_request // block_size)
+    slots = block.long() * block_size + per_request % block_size
+    return slots if positions.dim() == 2 else slots[:, 0]
 
 
 class ChimeraProposer(EagleProposer):
@@ -56,6 +60,14 @@ class ChimeraProposer(EagleProposer):
         super().__init__(vllm_config, device, runner)
         self.is_chimera = is_chimera_vllm_config(vllm_config)
         self.slot_tokens: torch.Tensor | None = None
+        draft_hf_config = vllm_config.speculative_config.draft_model_config.hf_config
+        self.lookup = PromptLookup.of(draft_hf_config) if self.is_chimera else None
+        if self.lookup is not None and vllm_config.scheduler_config.async_scheduling:
+            raise ChimeraConfigError(
+                "prompt lookup beside a Chimera draft drafts a different number of tokens per request, "
+                "which vLLM's async scheduling does not take: pass --no-async-scheduling "
+                "(async_scheduling=False), or leave prompt_lookup_min/max out"
+            )
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
@@ -112,7 +124,28 @@ class ChimeraProposer(EagleProposer):
         anchor = target_hidden_states[token_indices_to_sample]
         if num_speculative_tokens == 0:
             return torch.empty(batch_size, 0, dtype=torch.int64, device=anchor.device)
+        draft_inputs = (trigram, anchor, last, cad, num_rejected_tokens_gpu, sampling_metadata)
+        if self.lookup is None:
+            return self._draft(num_speculative_tokens, *draft_inputs)
+        found = self._lookup(last, next_token_ids, cad, num_speculative_tokens)
+        if all(found):  # the draft model's turn is skipped
+            return found
+        drafted = self._draft(self.lookup.draft_model_tokens(num_speculative_tokens), *draft_inputs)
+        self._mark_lookup_drafts(found)
+        return [f or row for f, row in zip(found, drafted.tolist())]
 
+    def _draft(
+        self,
+        num_steps: int,
+        trigram: torch.Tensor,
+        anchor: torch.Tensor,
+        last: torch.Tensor,
+        cad: CommonAttentionMetadata,
+        num_rejected_tokens_gpu: torch.Tensor | None,
+        sampling_metadata: SamplingMetadata,
+    ) -> torch.Tensor:
+        """The draft model's num_steps tokens for every request: [B, num_steps]."""
+        batch_size = cad.batch_size()
         # From here on every request has one query token per step, like EAGLE's later steps.
         cad.num_actual_tokens = batch_size
         cad.max_query_len = 1
@@ -123,7 +156,7 @@ class ChimeraProposer(EagleProposer):
         cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(batch_size)
         positions = last
         tokens, probs = [], []
-        for step in range(num_speculative_tokens):
+        for step in range(num_steps):
             positions = self._update_positions_dependent_metadata(
                 positions, cad, batch_size, input_batch_size, self.block_size
             )
@@ -163,6 +196,32 @@ class ChimeraProposer(EagleProposer):
         with set_forward_context(None, self.vllm_config, num_tokens=n, slot_mapping=self._get_slot_mapping(n, slots)):
             self.model.write_context(hidden[:n], positions[:n])
 
+    def _lookup(
+        self, last: torch.Tensor, next_token_ids: torch.Tensor, cad: CommonAttentionMetadata, k: int
+    ) -> list[list[int]]:
+        """Prompt-lookup drafts of up to k tokens per request ([] where nothing matches), over its
+        verified tokens (positions 0..last, from the token side-cache) and the newest one."""
+        length = int(last.max()) + 2
+        positions = torch.minimum(torch.arange(length, device=last.device)[None], last[:, None])
+        contexts = self._token_at(positions, cad)
+        contexts[torch.arange(len(last), device=last.device), last + 1] = next_token_ids.long()
+        lengths = (last + 2).to(torch.int32).cpu().numpy()
+        return self.lookup.propose(contexts.to(torch.int32).cpu().numpy(), lengths, k, self.max_model_len)
+
+    def _mark_lookup_drafts(self, found: list[list[int]]) -> None:
+        """Where the draft model sampled its tokens, the lookup's rows get certain ones (probability 1)."""
+        probs = self._last_draft_probs
+        if probs is None:
+            return
+        k = max(probs.shape[1], *(len(f) for f in found))
+        marked = probs.new_zeros(probs.shape[0], k, probs.shape[2])
+        marked[:, : probs.shape[1]] = probs
+        for row, tokens in enumerate(found):
+            if tokens:
+                marked[row, : len(tokens)] = 0
+                marked[row, torch.arange(len(tokens)), torch.tensor(tokens)] = 1
+        self._last_draft_probs = marked
+
     def _token_at(self, positions: torch.Tensor, cad: CommonAttentionMetadata) -> torch.Tensor:
-        """The token at one position per request, from the token side-cache."""
+        """The tokens at positions [B] or [B, N] of each request, from the token side-cache."""
         return self.slot_tokens[slots_of(positions, cad.block_table_tensor, self.block_size)].long()

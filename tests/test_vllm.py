@@ -18,7 +18,9 @@ from chimera_vllm import cli
 from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.evaluate import draft_top1, greedy_accepts
 from chimera_vllm.model import ChimeraDraft
+from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, simulate_greedy_steps
 from chimera_vllm.target import load_target
 from chimera_vllm.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
 from chimera_vllm.training.trainer import TrainArgs, train
@@ -389,6 +391,47 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
         assert alone.draft_tokens == 3 * alone.drafts > 0
     finally:
         close_llm(llm)
+
+
+def test_prompt_lookup_beside_the_draft_is_lossless_and_drafts_as_the_replay(pair, baseline, trained_pair):
+    """Prompt lookup with up to 5 tokens (one more than the draft has heads) beside 2 of the draft
+    model's: greedy output stays the target's through chunked prefill and prefix caching, and vLLM's
+    counters equal the greedy replay of the same policy (lookup first, the draft model elsewhere)."""
+    _, target, tokenizer, _, draft = trained_pair
+    lookup = PromptLookup(2, 5, 2)
+    settings = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
+    llm = make_engine(pair[0], pair[1], 5, spec_extra=settings, max_num_batched_tokens=128, enable_prefix_caching=True)
+    try:
+        mixed = mixed_prompts(tokenizer)
+        assert greedy(llm, mixed) == greedy(baseline, mixed)
+        prompts = grammar_prompts(tokenizer, 6, seed=3)
+        before = SpecCounters.read(llm)
+        out = greedy(llm, prompts, 24, ignore_eos=True)
+        got = SpecCounters.read(llm) - before
+    finally:
+        close_llm(llm)
+    longer = greedy(baseline, prompts, 24 + 5, ignore_eos=True)
+    assert out == [o[:24] for o in longer]
+    steps = []
+    for prompt, continuation in zip(prompts, longer):
+        tokens = prompt + continuation
+        accepts = greedy_accepts(draft_top1(target, draft, tokens, len(prompt), 2), tokens)
+        steps += simulate_greedy_steps(tokens, len(prompt), 24, 5, accepts, lookup)
+    assert (got.drafts, got.draft_tokens, got.accepted_tokens) == (
+        len(steps),
+        sum(s.drafted for s in steps),
+        sum(s.accepted for s in steps),
+    )
+    assert list(got.accepted_by_position) == [sum(s.accepted > i for s in steps) for i in range(5)]
+    assert any(s.draft_model_steps == 0 and s.accepted > 2 for s in steps)  # the lookup's longer drafts
+    assert any(s.draft_model_steps == 2 for s in steps)
+
+
+def test_prompt_lookup_needs_a_draft_model_share_within_its_heads(pair):
+    with pytest.raises(ChimeraConfigError, match=r"num_speculative_tokens=6 .* 4 heads"):
+        make_engine(pair[0], pair[1], 6, spec_extra={"prompt_lookup_max": 3})
+    with pytest.raises(ChimeraConfigError, match=r"chimera_num_speculative_tokens=3 is above num_speculative_tokens=2"):
+        make_engine(pair[0], pair[1], 2, spec_extra={"prompt_lookup_max": 3, DRAFT_TOKENS_KEY: 3})
 
 
 def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):

@@ -1,0 +1,121 @@
+"""Would drafting from the request's own text beside the Chimera draft pay? An estimate.
+
+    python benchmarks/prompt_lookup_policy.py [--num-prompts 80] [--out OUT]
+
+Greedy decoding keeps exactly the drafts that match the target's own continuation, so one
+target pass over each (prompt, greedy continuation) of MT-bench turn 1 and the draft's
+teacher-forced drafts replay any drafting policy exactly
+(``chimera_vllm.prompt_lookup.simulate_greedy_steps``, float32, the transformers reference):
+the Chimera draft alone at K tokens, vLLM's n-gram proposer alone at K, and prompt lookup
+first (up to K tokens) with the draft model's D tokens where it finds no match
+(``chimera+ngram:K:D``). Each policy's steps are priced by the cost model of
+benchmarks/draft_confidence_policy.py (default: batch 1, float32, the AVX2 profile); the
+lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera-vllm bench
+--methods chimera+ngram:K:D` measures one. Prints a table; writes OUT.json and OUT.md.
+"""
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
+
+sys.path.insert(0, str(Path(__file__).parent))
+from draft_confidence_policy import CostModel  # noqa: E402
+
+
+@dataclass
+class Estimate:
+    method: str
+    tau: float  # tokens per target step
+    lookup_share: float  # steps the lookup drafted
+    draft_steps: float  # draft-model steps per target step
+    ms_per_step: float
+    speedup: float
+
+
+def price(method: str, steps: list[SimulatedStep], cost: CostModel) -> Estimate:
+    n = len(steps)
+    ms = sum(cost.step(s.drafted + 1, s.draft_model_steps) for s in steps) / n
+    tau = sum(s.accepted + 1 for s in steps) / n
+    looked_up = sum(s.drafted > 0 and s.draft_model_steps == 0 for s in steps) / n
+    return Estimate(method, tau, looked_up, sum(s.draft_model_steps for s in steps) / n, ms, tau / ms * cost.step(1, 0))
+
+
+def policies(max_k: int, heads: int) -> list[tuple[str, int, bool, int | None]]:
+    """(method, K, lookup on, draft-model tokens or None for no draft model)."""
+    out = [(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
+    out += [(f"ngram:{k}", k, True, None) for k in (1, 2, 4, max_k)]
+    out += [(f"chimera+ngram:{k}:{d}", k, True, d) for k in range(1, max_k + 1) for d in range(1, min(k, heads) + 1)]
+    return out
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from chimera_vllm.bench import markdown, run_info, write_result_files
+    from chimera_vllm.decoding import SpeculativeDecoder
+    from chimera_vllm.drafts import resolve_draft
+    from chimera_vllm.evaluate import draft_top1, greedy_accepts
+    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.prompts import encode_prompts
+    from chimera_vllm.target import load_target
+    from chimera_vllm.vllm_engine import NGRAM_LOOKUP
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--draft", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-k", type=int, default=6, help="the most tokens a policy drafts per step")
+    parser.add_argument("--target-ms", type=float, nargs="+", default=[65.2, 69.6, 78.0])
+    parser.add_argument("--draft-step-ms", type=float, default=9.5)
+    parser.add_argument("--overhead-ms", type=float, default=11.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    target = load_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
+    heads = draft.config.num_heads
+    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    eos = {tokenizer.eos_token_id}
+    continuations = []
+    for start in tqdm(range(0, len(prompts), 16), desc="target's greedy answers", unit="batch"):
+        batch = prompts[start : start + 16]
+        continuations += SpeculativeDecoder(target).generate(batch, args.max_new_tokens + args.max_k, eos)[0]
+    lookup = PromptLookup(NGRAM_LOOKUP["prompt_lookup_min"], NGRAM_LOOKUP["prompt_lookup_max"])
+    plans = policies(args.max_k, heads)
+    steps: dict[str, list[SimulatedStep]] = {method: [] for method, *_ in plans}
+    for prompt, continuation in tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt"):
+        tokens = prompt + continuation
+        accepts = greedy_accepts(draft_top1(target, draft, tokens, len(prompt), heads), tokens)
+        for method, k, lookup_on, d in plans:
+            policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, d) if lookup_on else None
+            model = None if d is None else accepts
+            steps[method] += simulate_greedy_steps(tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup)
+    cost = CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms)
+    estimates = [price(method, steps[method], cost) for method, *_ in plans]
+    header = ["method", "τ", "lookup drafted", "draft-model steps", "est. ms/step", "est. speedup"]
+    rows = [
+        [e.method, f"{e.tau:.2f}", f"{e.lookup_share:.2f}", f"{e.draft_steps:.2f}", f"{e.ms_per_step:.1f}"]
+        + [f"{e.speedup:.2f}x"]
+        for e in estimates
+    ]
+    table = markdown(header, rows)
+    print(table)
+    if args.out:
+        info = run_info("python benchmarks/prompt_lookup_policy.py " + " ".join(sys.argv[1:]))
+        info.update(target=args.target, draft=args.draft, prompts=args.prompts, num_prompts=len(prompts))
+        info.update(cost_model=asdict(cost), lookup=asdict(lookup))
+        title = "Prompt lookup beside the Chimera draft: estimated speedup (greedy replay, cost model)"
+        write_result_files(Path(args.out), title, info, {"estimates": [asdict(e) for e in estimates]}, table)
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

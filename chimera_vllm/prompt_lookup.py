@@ -1,0 +1,145 @@
+"""Prompt lookup beside the Chimera draft: where a request's own text already holds its next tokens.
+
+Small models repeat themselves and answers quote their prompts: at a step where the
+last 2..5 tokens occurred earlier in the request, the tokens that followed them there
+are a free draft (vLLM's n-gram proposer, "prompt lookup"). With prompt lookup on, the
+Chimera proposer drafts those where the lookup finds a match and runs the draft model
+for the other requests; a batch where every request found one skips the draft model.
+
+The lookup may draft more tokens than the draft model: vLLM's ``num_speculative_tokens``
+bounds both, and ``chimera_num_speculative_tokens`` lowers the draft model's share, which
+pays on a CPU, where verifying a token costs the target a few percent more per step and
+every drafted token costs a draft-model step (docs/vllm-integration.md, "Prompt lookup").
+
+vLLM keeps ``prompt_lookup_min``/``prompt_lookup_max`` for its n-gram method only, so the
+plugin takes them out of a Chimera draft's speculative config and hands them to the
+proposer on the draft's hf_config (:data:`HF_CONFIG_ATTR`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import ChimeraConfigError
+
+HF_CONFIG_ATTR = "chimera_prompt_lookup"
+"""Attribute of the draft's vLLM hf_config holding the :class:`PromptLookup` settings."""
+
+DRAFT_TOKENS_KEY = "chimera_num_speculative_tokens"
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Match the last min_n..max_n tokens (longest first); draft_tokens: the draft model's tokens per
+    step where nothing matches (None: num_speculative_tokens)."""
+
+    min_n: int
+    max_n: int
+    draft_tokens: int | None = None
+
+    @classmethod
+    def pop_from_spec(cls, spec: dict) -> PromptLookup | None:
+        """Take the lookup keys out of a speculative config dict; None when prompt lookup is off."""
+        min_n, max_n = spec.pop("prompt_lookup_min", None), spec.pop("prompt_lookup_max", None)
+        draft_tokens = spec.pop(DRAFT_TOKENS_KEY, None)
+        if min_n is None and max_n is None:
+            if draft_tokens is not None:
+                raise ChimeraConfigError(
+                    f"{DRAFT_TOKENS_KEY}={draft_tokens} sets the draft model's share beside prompt lookup: "
+                    "set prompt_lookup_min/prompt_lookup_max too, or num_speculative_tokens alone"
+                )
+            return None
+        return cls(min_n if min_n is not None else max_n, max_n if max_n is not None else min_n, draft_tokens)
+
+    def check(self, num_speculative_tokens: int) -> None:
+        """Raise on a setting vLLM could not run, naming it."""
+        for name, value in (("prompt_lookup_min", self.min_n), ("prompt_lookup_max", self.max_n)):
+            if not isinstance(value, int) or value < 1:
+                raise ChimeraConfigError(f"{name}={value!r}: use an integer >= 1")
+        if self.min_n > self.max_n:
+            raise ChimeraConfigError(f"prompt_lookup_min={self.min_n} is above prompt_lookup_max={self.max_n}")
+        if self.draft_tokens is None:
+            return
+        if not isinstance(self.draft_tokens, int) or self.draft_tokens < 1:
+            raise ChimeraConfigError(f"{DRAFT_TOKENS_KEY}={self.draft_tokens!r}: use an integer >= 1")
+        if self.draft_tokens > num_speculative_tokens:
+            raise ChimeraConfigError(
+                f"{DRAFT_TOKENS_KEY}={self.draft_tokens} is above num_speculative_tokens={num_speculative_tokens}, "
+                "which bounds every draft"
+            )
+
+    def draft_model_tokens(self, num_speculative_tokens: int) -> int:
+        """The draft model's tokens per step when vLLM asks for num_speculative_tokens."""
+        return min(self.draft_tokens or num_speculative_tokens, num_speculative_tokens)
+
+    def attach(self, hf_config) -> None:
+        setattr(hf_config, HF_CONFIG_ATTR, asdict(self))
+
+    @classmethod
+    def of(cls, hf_config) -> PromptLookup | None:
+        settings = getattr(hf_config, HF_CONFIG_ATTR, None)
+        return None if settings is None else cls(**settings)
+
+    def propose(self, contexts: np.ndarray, lengths: np.ndarray, k: int, max_model_len: int) -> list[list[int]]:
+        """vLLM's n-gram match over each row's first lengths[i] tokens: up to k tokens each (none past
+        max_model_len), [] where nothing matches."""
+        from numba import get_num_threads, set_num_threads
+        from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+
+        drafts = np.zeros((len(lengths), k), dtype=np.int32)
+        num_drafts = np.zeros(len(lengths), dtype=np.int32)
+        threads = get_num_threads()
+        set_num_threads(1)  # as vLLM's n-gram proposer: a thread pool costs more than it saves here
+        try:
+            rows = np.arange(len(lengths))
+            batch_propose_numba(rows, lengths, contexts, self.min_n, self.max_n, max_model_len, k, drafts, num_drafts)
+        finally:
+            set_num_threads(threads)
+        return [drafts[i, :n].tolist() for i, n in enumerate(num_drafts)]
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    drafted: int  # tokens the target verified beside its own
+    accepted: int
+    draft_model_steps: int  # 0 where the lookup drafted
+
+
+def simulate_greedy_steps(
+    tokens: list[int],
+    prompt_len: int,
+    max_new_tokens: int,
+    num_speculative_tokens: int,
+    draft_model_accepts: Callable[[int, int], int] | None,
+    lookup: PromptLookup | None = None,
+) -> list[SimulatedStep]:
+    """The target steps of one request's greedy speculative decoding, from its known output.
+
+    tokens: the prompt and the target's greedy continuation (to its end of sequence, or past
+    max_new_tokens by k tokens for the last step's drafts); draft_model_accepts(n, s): how many
+    of the s tokens the draft model drafts at anchor n (the newest verified position) the target
+    keeps, or None for no draft model (vLLM's n-gram proposer alone). Greedy decoding keeps
+    exactly the drafts that match the continuation, so this replays any drafting policy without
+    running the target again: prompt lookup first where it matches, the draft model elsewhere,
+    as :class:`chimera_vllm.vllm_proposer.ChimeraProposer` drafts.
+    """
+    k = num_speculative_tokens
+    draft_k = k if lookup is None else lookup.draft_model_tokens(k)
+    steps, n, produced = [], prompt_len - 1, 1  # the prefill produced the first token
+    while produced < min(max_new_tokens, len(tokens) - prompt_len):
+        found = [] if lookup is None else lookup.propose(np.array([tokens[: n + 2]]), np.array([n + 2]), k, 1 << 30)[0]
+        if found:
+            known = tokens[n + 2 : n + 2 + len(found)]
+            accepted = next((i for i, (a, b) in enumerate(zip(found, known)) if a != b), len(known))
+            step = SimulatedStep(len(found), accepted, 0)
+        elif draft_model_accepts is None:
+            step = SimulatedStep(0, 0, 0)
+        else:
+            step = SimulatedStep(draft_k, draft_model_accepts(n, draft_k), draft_k)
+        steps.append(step)
+        n += step.accepted + 1
+        produced += step.accepted + 1
+    return steps

@@ -1,0 +1,112 @@
+"""Prompt lookup beside the Chimera draft: its settings, its drafts, and the greedy replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chimera_vllm.bench import Method
+from chimera_vllm.config import ChimeraConfigError
+from chimera_vllm.decoding import SpeculativeDecoder
+from chimera_vllm.evaluate import draft_top1, greedy_accepts
+from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, SimulatedStep, simulate_greedy_steps
+from chimera_vllm.tiny import grammar_prompts
+
+pytest.importorskip("vllm")  # the n-gram match is vLLM's own
+
+
+def test_settings_leave_the_speculative_config_and_default_as_vllm_does():
+    spec = {"model": "d", "num_speculative_tokens": 4, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 1}
+    assert PromptLookup.pop_from_spec(spec) == PromptLookup(5, 5, 1)  # min defaults to max
+    assert spec == {"model": "d", "num_speculative_tokens": 4}
+    assert PromptLookup.pop_from_spec({"num_speculative_tokens": 4}) is None
+    assert PromptLookup(2, 5).draft_model_tokens(3) == 3
+    assert PromptLookup(2, 5, 1).draft_model_tokens(3) == 1
+    assert PromptLookup(2, 5, 2).draft_model_tokens(1) == 1  # a batch-size schedule may ask for fewer
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({DRAFT_TOKENS_KEY: 1}, "chimera_num_speculative_tokens=1 sets the draft model's share"),
+        ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min=4 is above prompt_lookup_max=2"),
+        ({"prompt_lookup_min": 0}, r"prompt_lookup_min=0: use an integer >= 1"),
+        (
+            {"prompt_lookup_max": 3, DRAFT_TOKENS_KEY: 5},
+            "chimera_num_speculative_tokens=5 is above num_speculative_tokens=4",
+        ),
+        ({"prompt_lookup_max": 3, DRAFT_TOKENS_KEY: "2"}, "chimera_num_speculative_tokens='2': use an integer"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(spec, message):
+    with pytest.raises(ChimeraConfigError, match=message):
+        lookup = PromptLookup.pop_from_spec(spec)
+        lookup.check(4)
+
+
+def test_lookup_drafts_what_followed_the_longest_match():
+    lookup = PromptLookup(2, 3)
+    contexts = np.array(
+        [
+            [7, 1, 2, 3, 9, 9, 4, 1, 2, 3],  # "1 2 3" matched: what followed it
+            [5, 6, 8, 5, 6, 0, 0, 0, 0, 0],  # "5 6" matched near the end: only what exists after it
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],  # nothing repeats
+        ],
+        dtype=np.int32,
+    )
+    lengths = np.array([10, 5, 10], dtype=np.int32)
+    assert lookup.propose(contexts, lengths, 3, 1 << 20) == [[9, 9, 4], [8, 5, 6], []]
+    assert lookup.propose(contexts[:1], lengths[:1], 3, 11) == [[9]]  # never past max_model_len
+
+
+def test_greedy_replay_drafts_from_the_lookup_first_and_the_draft_model_elsewhere():
+    # prompt "1 2 3 4", continuation "5 1 2 3 4 5 6 7": the lookup matches from "... 5 1 2" on
+    tokens = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7]
+    calls = []
+
+    def draft_model_accepts(n: int, s: int) -> int:
+        calls.append((n, s))
+        return 1
+
+    steps = simulate_greedy_steps(tokens, 4, 8, 4, draft_model_accepts, PromptLookup(2, 2, 2))
+    # anchor 3 (context ... 4 5): "4 5" unseen, the draft model's 2 tokens, 1 kept; anchor 5 (... 1 2):
+    # the lookup's 4 tokens "3 4 5 1", 3 kept; anchor 9 (... 5 6): unseen, the draft model again
+    assert calls == [(3, 2), (9, 2)]
+    assert steps == [SimulatedStep(2, 1, 2), SimulatedStep(4, 3, 0), SimulatedStep(2, 1, 2)]
+    plain = simulate_greedy_steps(tokens, 4, 8, 2, lambda n, s: 0)
+    assert all(s == SimulatedStep(2, 0, 2) for s in plain) and len(plain) == 7
+
+
+def test_greedy_replay_counts_what_the_reference_decoder_counts(trained_pair):
+    """Without the lookup, the replay of the draft's teacher-forced drafts is the reference decoder."""
+    _, target, tokenizer, _, draft = trained_pair
+    prompts = grammar_prompts(tokenizer, 6, seed=3)
+    outputs, stats = SpeculativeDecoder(target, draft, 3).generate(prompts, 24)
+    longer, _ = SpeculativeDecoder(target).generate(prompts, 24 + 3)
+    assert outputs == [o[:24] for o in longer]
+    steps = []
+    for prompt, continuation in zip(prompts, longer):
+        tokens = prompt + continuation
+        steps += simulate_greedy_steps(
+            tokens, len(prompt), 24, 3, greedy_accepts(draft_top1(target, draft, tokens, len(prompt), 3), tokens)
+        )
+    assert len(steps) == stats.target_steps
+    assert sum(s.accepted for s in steps) == stats.accepted_tokens > stats.target_steps  # the draft does work
+    assert [sum(s.accepted > i for s in steps) for i in range(3)] == stats.accepted_by_position
+
+
+def test_bench_method_for_the_lookup_beside_the_draft():
+    m = Method.parse("chimera+ngram:4:1")
+    assert (m.name, m.k, m.draft_k, str(m)) == ("chimera+ngram", 4, 1, "chimera+ngram:4:1")
+    spec = m.spec({"chimera": "/d"})
+    assert spec == {
+        "model": "/d",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 5,
+        "prompt_lookup_min": 2,
+        DRAFT_TOKENS_KEY: 1,
+    }
+    assert DRAFT_TOKENS_KEY not in Method.parse("chimera+ngram:3").spec({"chimera": "/d"})
+    for bad in ("chimera:4:1", "chimera+ngram", "chimera+ngram:x"):
+        with pytest.raises(ValueError, match="chimera\\+ngram:K\\[:D\\]"):
+            Method.parse(bad)
