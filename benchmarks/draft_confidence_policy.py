@@ -94,35 +94,46 @@ def price(policy: Policy, steps: list[dict], cost: CostModel) -> Policy:
     return policy
 
 
-def main() -> None:
-    from transformers import AutoTokenizer
-
-    from chimera_vllm.bench import markdown, run_info, write_result_files
-    from chimera_vllm.drafts import resolve_draft
-    from chimera_vllm.model import ChimeraDraft
-    from chimera_vllm.prompts import encode_prompts
-    from chimera_vllm.target import load_target
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The target, draft, prompts and the cost model's step profile (batch 1, float32, AVX2)."""
     parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--draft", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--target-ms", type=float, nargs="+", default=[65.2, 69.6, 78.0])
     parser.add_argument("--draft-step-ms", type=float, default=9.5)
     parser.add_argument("--overhead-ms", type=float, default=11.0)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+
+
+def load_inputs(args: argparse.Namespace):
+    """(target, tokenizer, float32 draft, encoded prompts, cost model) from add_common_arguments'."""
+    from transformers import AutoTokenizer
+
+    from chimera_vllm.drafts import resolve_draft
+    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.prompts import encode_prompts
+    from chimera_vllm.target import load_target
+
     target = load_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
     prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    return target, tokenizer, draft, prompts, CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms)
+
+
+def main() -> None:
+    from chimera_vllm.bench import markdown, run_info, write_result_files
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9])
+    args = parser.parse_args()
+    target, tokenizer, draft, prompts, cost = load_inputs(args)
     k = args.num_speculative_tokens
     steps = record_steps(target, draft, prompts, k, {tokenizer.eos_token_id}, args.max_new_tokens)
-    cost = CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms)
     policies = [
         price(Policy(kmax, m, c), steps, cost)
         for kmax in range(1, k + 1)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
 
 sys.path.insert(0, str(Path(__file__).parent))
-from draft_confidence_policy import CostModel  # noqa: E402
+from draft_confidence_policy import CostModel, add_common_arguments, load_inputs  # noqa: E402
 
 
 @dataclass
@@ -55,34 +55,17 @@ def policies(max_k: int, heads: int) -> list[tuple[str, int, bool, int | None]]:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     from chimera_vllm.bench import markdown, run_info, write_result_files
     from chimera_vllm.decoding import SpeculativeDecoder
-    from chimera_vllm.drafts import resolve_draft
     from chimera_vllm.evaluate import draft_top1, greedy_accepts
-    from chimera_vllm.model import ChimeraDraft
-    from chimera_vllm.prompts import encode_prompts
-    from chimera_vllm.target import load_target
     from chimera_vllm.vllm_engine import NGRAM_LOOKUP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--draft", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
-    parser.add_argument("--num-prompts", type=int, default=80)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    add_common_arguments(parser)
     parser.add_argument("--max-k", type=int, default=6, help="the most tokens a policy drafts per step")
-    parser.add_argument("--target-ms", type=float, nargs="+", default=[65.2, 69.6, 78.0])
-    parser.add_argument("--draft-step-ms", type=float, default=9.5)
-    parser.add_argument("--overhead-ms", type=float, default=11.0)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    target = load_target(args.target)
-    tokenizer = AutoTokenizer.from_pretrained(args.target)
-    draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
+    target, tokenizer, draft, prompts, cost = load_inputs(args)
     heads = draft.config.num_heads
-    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
     eos = {tokenizer.eos_token_id}
     continuations = []
     for start in tqdm(range(0, len(prompts), 16), desc="target's greedy answers", unit="batch"):
@@ -98,7 +81,6 @@ def main() -> None:
             policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, d) if lookup_on else None
             model = None if d is None else accepts
             steps[method] += simulate_greedy_steps(tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup)
-    cost = CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms)
     estimates = [price(method, steps[method], cost) for method, *_ in plans]
     header = ["method", "τ", "lookup drafted", "draft-model steps", "est. ms/step", "est. speedup"]
     rows = [

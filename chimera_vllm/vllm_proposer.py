@@ -15,7 +15,8 @@ The trigram needs the two tokens before the newest one, which may belong to an
 earlier step or chunk: a token side-cache indexed like the KV cache (one token per
 KV slot, written with the target's tokens at their slots) provides them across
 steps, chunked prefill, prefix caching and preemption, because it lives and dies
-with the KV blocks themselves.
+with the KV blocks themselves. It also gives prompt lookup (:mod:`chimera_vllm.prompt_lookup`)
+each request's text, where that is switched on.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class ChimeraProposer(EagleProposer):
         super().__init__(vllm_config, device, runner)
         self.is_chimera = is_chimera_vllm_config(vllm_config)
         self.slot_tokens: torch.Tensor | None = None
-        draft_hf_config = vllm_config.speculative_config.draft_model_config.hf_config
-        self.lookup = PromptLookup.of(draft_hf_config) if self.is_chimera else None
+        self.lookup: PromptLookup | None = None
+        if self.is_chimera:
+            self.lookup = PromptLookup.of(vllm_config.speculative_config.draft_model_config.hf_config)
         if self.lookup is not None and vllm_config.scheduler_config.async_scheduling:
             raise ChimeraConfigError(
                 "prompt lookup beside a Chimera draft drafts a different number of tokens per request, "

