@@ -1,11 +1,11 @@
 """The README's first command: SmolLM2-135M-Instruct in vLLM on MT-bench turn 1, with and without Chimera.
 
-vLLM offline batch inference, greedy, over first-turn MT-bench questions (32 of the 80,
+vLLM offline batch inference, greedy, over first-turn MT-bench questions (24 of the 80,
 spread over the categories, so that a second run takes under 5 minutes on a 2-core CPU):
 one engine without speculation and one with the Chimera draft shipped in
-chimera_vllm/drafts. Prints output tokens/s, per-token latency, mean accepted length,
-speedup and whether the outputs are identical, and writes the report (JSON, markdown,
-PNG) under --out. ``make demo`` sets up .venv and the target first.
+chimera_vllm/drafts, prompt lookup beside it (docs/vllm-integration.md). Prints output
+tokens/s, per-token latency, mean accepted length, speedup and whether the outputs are
+identical, and writes the report (JSON, markdown, PNG) under --out. ``make demo`` sets up .venv and the target first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bench import Method, Row, identity, run, write_report
+from .bench import HYBRID, Method, Row, identity, run, write_report
 from .cli import logs_to_stderr, use_offline_hub
 from .drafts import resolve_draft
 from .fetch import PACKAGED_TARGETS
@@ -34,21 +34,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--num-prompts",
         type=int,
-        default=32,
-        help="prompts taken evenly across the file (MT-bench: 4 of each category's 10 questions); 80: all",
+        default=24,
+        help="prompts taken evenly across the file (MT-bench: 3 of each category's 10 questions); 80: all",
     )
     p.add_argument(
         "--num-speculative-tokens",
         type=int,
         default=1,
-        help="1: on a CPU in float32 the draft's weights, read once per draft token, cost more than a "
-        "second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md)",
+        help="the draft model's tokens per step; 1: on a CPU in float32 the draft's weights, read once per "
+        "draft token, cost more than a second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md)",
+    )
+    p.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=4,
+        help="prompt lookup beside the draft: where the text so far matches, up to this many tokens of what "
+        "followed the match (0: off; benchmarks/results/throughput-cpu-fp32-avx2-lookup.md)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="vLLM's max_num_seqs")
     p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", default="runs/demo/mt-bench")
     return p.parse_args(argv)
+
+
+def chimera_method(draft_tokens: int, lookup_tokens: int) -> Method:
+    """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0."""
+    if lookup_tokens < 0:
+        raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
+    if lookup_tokens == 0:
+        return Method("chimera", draft_tokens)
+    return Method(HYBRID, max(lookup_tokens, draft_tokens), draft_k=draft_tokens)
 
 
 def spread(items: list, n: int) -> list:
@@ -62,14 +78,14 @@ def spread(items: list, n: int) -> list:
 
 def summary(rows: list[Row]) -> str:
     """The demo's table: one line per method, ratios against no speculation."""
-    lines = [f"{'method':<12}{'tok/s':>8}{'ms/token':>10}{'τ':>7}{'speedup':>9}  identical to no-spec"]
+    lines = [f"{'method':<20}{'tok/s':>8}{'ms/token':>10}{'τ':>7}{'speedup':>9}  identical to no-spec"]
     for r in rows:
         same = identity(r)
         if r.match_rate is not None and not r.outputs_identical:
             same += "; every divergence at a near-tie" if r.only_near_ties else "; NOT only near-ties"
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         lines.append(
-            f"{r.method:<12}{r.output_tokens_per_s:>8.1f}{r.ms_per_output_token:>10.1f}"
+            f"{r.method:<20}{r.output_tokens_per_s:>8.1f}{r.ms_per_output_token:>10.1f}"
             f"{r.mean_accepted_length:>7.2f}{speedup:>9}  {same}"
         )
     return "\n".join(lines)
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
     prompts = spread(encode_prompts(args.prompts, tokenizer), args.num_prompts)
-    methods = [Method("none"), Method("chimera", args.num_speculative_tokens)]
+    methods = [Method("none"), chimera_method(args.num_speculative_tokens, args.lookup_tokens)]
     print(f"{args.target}, {len(prompts)} MT-bench turn-1 prompts, {args.max_new_tokens} new tokens, greedy,")
     print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")
     rows = run(

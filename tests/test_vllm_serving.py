@@ -193,9 +193,9 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
     assert demo.main([*args, *options, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     none, chimera = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert chimera["method"] == "chimera:2" and chimera["outputs_identical"] is True
+    assert chimera["method"] == "chimera+ngram:4:2" and chimera["outputs_identical"] is True  # lookup: 4 tokens
     assert none["num_prompts"] == chimera["num_prompts"] == 5
-    line = next(x for x in printed.splitlines() if x.startswith("chimera:2"))
+    line = next(x for x in printed.splitlines() if x.startswith("chimera+ngram:4:2"))
     assert line.split()[1:5] == [
         f"{chimera['output_tokens_per_s']:.1f}",
         f"{chimera['ms_per_output_token']:.1f}",
@@ -203,6 +203,14 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
         f"{chimera['speedup']:.2f}x",
     ]
     assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_demo_lookup_tokens_choose_the_method():
+    assert str(demo.chimera_method(1, 4)) == "chimera+ngram:4:1"
+    assert str(demo.chimera_method(3, 2)) == "chimera+ngram:3:3"  # lookup drafts at least the draft model's share
+    assert str(demo.chimera_method(2, 0)) == "chimera:2"
+    with pytest.raises(ValueError, match="--lookup-tokens must be 0 .off. or more, got -1"):
+        demo.chimera_method(1, -1)
 
 
 def test_demo_takes_its_prompts_evenly_across_the_file():
