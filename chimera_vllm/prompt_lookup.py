@@ -71,10 +71,6 @@ class PromptLookup:
                 "which bounds every draft"
             )
 
-    def draft_model_tokens(self, num_speculative_tokens: int) -> int:
-        """The draft model's tokens per step when vLLM asks for num_speculative_tokens."""
-        return min(self.draft_tokens or num_speculative_tokens, num_speculative_tokens)
-
     def attach(self, hf_config) -> None:
         setattr(hf_config, HF_CONFIG_ATTR, asdict(self))
 
@@ -99,6 +95,14 @@ class PromptLookup:
         finally:
             set_num_threads(threads)
         return [drafts[i, :n].tolist() for i, n in enumerate(num_drafts)]
+
+
+def draft_model_tokens(lookup: PromptLookup | None, num_speculative_tokens: int) -> int:
+    """The draft model's tokens per step when vLLM asks for num_speculative_tokens: all of them
+    without prompt lookup, the lookup's draft_tokens share (at most all of them) with it."""
+    if lookup is None or lookup.draft_tokens is None:
+        return num_speculative_tokens
+    return min(lookup.draft_tokens, num_speculative_tokens)
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def simulate_greedy_steps(
     as :class:`chimera_vllm.vllm_proposer.ChimeraProposer` drafts.
     """
     k = num_speculative_tokens
-    draft_k = k if lookup is None else lookup.draft_model_tokens(k)
+    draft_k = draft_model_tokens(lookup, k)
     steps, n, produced = [], prompt_len - 1, 1  # the prefill produced the first token
     while produced < min(max_new_tokens, len(tokens) - prompt_len):
         found = [] if lookup is None else lookup.propose(np.array([tokens[: n + 2]]), np.array([n + 2]), k, 1 << 30)[0]

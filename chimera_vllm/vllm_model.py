@@ -35,7 +35,7 @@ from vllm.utils.torch_utils import _encode_layer_name
 from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
-from .prompt_lookup import PromptLookup
+from .prompt_lookup import PromptLookup, draft_model_tokens
 from .vllm_cpu_gemm import CpuDraftGemms
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
@@ -266,8 +266,7 @@ def check_draft_for_target(config: ChimeraConfig, target_hf_config, num_speculat
 
 def check_draft_for_vllm(config: ChimeraConfig, vllm_config: VllmConfig) -> None:
     spec = vllm_config.speculative_config
-    lookup = PromptLookup.of(spec.draft_model_config.hf_config)
-    k = spec.num_speculative_tokens if lookup is None else lookup.draft_model_tokens(spec.num_speculative_tokens)
+    k = draft_model_tokens(PromptLookup.of(spec.draft_model_config.hf_config), spec.num_speculative_tokens)
     check_draft_for_target(config, vllm_config.model_config.hf_config, k)
     if vllm_config.use_v2_model_runner:
         raise ChimeraConfigError(

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import vllm_cpu_fix
 from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
-from .prompt_lookup import PromptLookup
+from .prompt_lookup import PromptLookup, draft_model_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _route_chimera_drafts_to_eagle() -> None:
                         self.spec_tokens = k
                 if lookup is not None:
                     lookup.check(k)
-                _check_before_start(config, k if lookup is None else lookup.draft_model_tokens(k), target_model_config)
+                _check_before_start(config, draft_model_tokens(lookup, k), target_model_config)
             speculative_config = original(self, target_model_config, target_parallel_config)
             if lookup is not None:
                 lookup.attach(speculative_config.draft_model_config.hf_config)

@@ -29,7 +29,7 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from .config import ChimeraConfigError
-from .prompt_lookup import PromptLookup
+from .prompt_lookup import PromptLookup, draft_model_tokens
 from .vllm_model import carries_chimera_config
 
 
@@ -132,7 +132,7 @@ class ChimeraProposer(EagleProposer):
         found = self._lookup(last, next_token_ids, cad, num_speculative_tokens)
         if all(found):  # the draft model's turn is skipped
             return found
-        drafted = self._draft(self.lookup.draft_model_tokens(num_speculative_tokens), *draft_inputs)
+        drafted = self._draft(draft_model_tokens(self.lookup, num_speculative_tokens), *draft_inputs)
         self._mark_lookup_drafts(found)
         return [f or row for f, row in zip(found, drafted.tolist())]
 

@@ -9,7 +9,13 @@ from chimera_vllm.bench import Method
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.evaluate import draft_top1, greedy_accepts
-from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, SimulatedStep, simulate_greedy_steps
+from chimera_vllm.prompt_lookup import (
+    DRAFT_TOKENS_KEY,
+    PromptLookup,
+    SimulatedStep,
+    draft_model_tokens,
+    simulate_greedy_steps,
+)
 from chimera_vllm.tiny import grammar_prompts
 
 pytest.importorskip("vllm")  # the n-gram match is vLLM's own
@@ -20,9 +26,10 @@ def test_settings_leave_the_speculative_config_and_default_as_vllm_does():
     assert PromptLookup.pop_from_spec(spec) == PromptLookup(5, 5, 1)  # min defaults to max
     assert spec == {"model": "d", "num_speculative_tokens": 4}
     assert PromptLookup.pop_from_spec({"num_speculative_tokens": 4}) is None
-    assert PromptLookup(2, 5).draft_model_tokens(3) == 3
-    assert PromptLookup(2, 5, 1).draft_model_tokens(3) == 1
-    assert PromptLookup(2, 5, 2).draft_model_tokens(1) == 1  # a batch-size schedule may ask for fewer
+    assert draft_model_tokens(None, 3) == 3
+    assert draft_model_tokens(PromptLookup(2, 5), 3) == 3
+    assert draft_model_tokens(PromptLookup(2, 5, 1), 3) == 1
+    assert draft_model_tokens(PromptLookup(2, 5, 2), 1) == 1  # a batch-size schedule may ask for fewer
 
 
 @pytest.mark.parametrize(
