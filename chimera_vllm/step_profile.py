@@ -35,6 +35,7 @@ COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("recovered tokens", 3, r"(rejection_sampler|vllm_cpu_fix)\.py\(\d+\): sample_recovered_tokens$"),
     ("draft proposal", 1, r"gpu_model_runner\.py\(\d+\): propose_draft_token_ids$"),
     ("write context (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _write_context$"),
+    ("prompt lookup (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _lookup$"),
     ("draft model forward", 2, r"^nn\.Module: ChimeraDraftForVLLM_0$"),
     ("trigram encoder", 3, r"^nn\.Module: TrigramEncoder_0$|vllm_cpu_gemm\.py\(\d+\): trigram$"),
     ("encoder layer", 3, r"^nn\.Module: ChimeraEncoderLayer_0$"),

@@ -459,16 +459,17 @@ def test_prompt_lookup_needs_a_draft_model_share_within_its_heads(pair):
 
 def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     """The step profile's patterns name functions of vLLM's runner and of the draft: in a real
-    trace every component appears (at T > 0 vLLM's rejection sampler takes its random path), and
-    nested parts fit inside their parents."""
+    trace every component appears (at T > 0 vLLM's rejection sampler takes its random path; the
+    draft runs with prompt lookup beside it), and nested parts fit inside their parents."""
     target_dir, draft_dir, _, tokenizer = pair
     profile = profile_engine(
         str(target_dir),
-        Method("chimera", 2),
+        Method("chimera+ngram", 3, draft_k=2),
         {"chimera": str(draft_dir)},
         grammar_prompts(tokenizer, 2, seed=3),
         tmp_path / "trace",
         dtype="float32",
+        batch_size=2,
         max_new_tokens=24,
         steps=6,
         temperature=0.8,
@@ -478,7 +479,8 @@ def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     assert profile.steps == 6
     assert set(ms) == {label for label, _, _ in COMPONENTS}
     assert ms["engine step"] > ms["target forward"] + ms["sampling / verification"] + ms["draft proposal"]
-    assert ms["draft proposal"] > ms["write context (Chimera)"] + ms["draft model forward"]
+    proposal_parts = ("write context (Chimera)", "prompt lookup (Chimera)", "draft model forward")
+    assert ms["draft proposal"] > sum(ms[part] for part in proposal_parts)
     assert ms["sampling / verification"] > ms["temperature, top-k/p (verification)"] + ms["rejection sampling"]
     assert ms["rejection sampling"] > ms["recovered tokens"]
     names = {e.get("name", "") for e in read_trace(tmp_path / "trace")}
