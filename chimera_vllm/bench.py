@@ -65,6 +65,16 @@ class Method:
             raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K")
         return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
 
+    @classmethod
+    def chimera(cls, draft_tokens: int, lookup_tokens: int = 0) -> Method:
+        """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0
+        (the lookup drafts at least the draft model's share: K = max(L, D))."""
+        if lookup_tokens < 0:
+            raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
+        if lookup_tokens == 0:
+            return cls("chimera", draft_tokens)
+        return cls(HYBRID, max(lookup_tokens, draft_tokens), draft_k=draft_tokens)
+
     def __str__(self) -> str:
         if self.schedule:
             return f"{self.name}:auto"

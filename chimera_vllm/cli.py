@@ -310,7 +310,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
     spec = None
-    if args.draft:
+    if args.lookup_tokens and not args.draft:
+        raise ValueError(f"--lookup-tokens {args.lookup_tokens} is prompt lookup beside a draft: give --draft")
+    if args.draft and args.lookup_tokens:
+        from .bench import Method
+        from .config import ChimeraConfig
+
+        draft_tokens = args.num_speculative_tokens or ChimeraConfig.load(args.draft).num_heads
+        spec = Method.chimera(draft_tokens, args.lookup_tokens).spec({"chimera": args.draft})
+    elif args.draft:
         from .vllm_engine import chimera_spec
 
         spec = chimera_spec(args.draft, args.num_speculative_tokens)
@@ -567,7 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("target", help="target model (or a Chimera draft directory: its verifier is served with it)")
     v.add_argument("--draft", "--speculative-model", dest="draft", help="Chimera draft directory")
-    v.add_argument("--num-speculative-tokens", type=int, default=None, help="default: all the draft's heads")
+    v.add_argument(
+        "--num-speculative-tokens", type=int, default=None, help="the draft model's tokens a step (default: its heads)"
+    )
+    v.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=0,
+        help="prompt lookup beside the draft: where the text so far matches, up to this many tokens of what "
+        "followed the match, the draft model elsewhere (0: off; docs/vllm-integration.md)",
+    )
     v.set_defaults(func=cmd_serve)
     return parser
 

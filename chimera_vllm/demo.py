@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bench import HYBRID, Method, Row, identity, run, write_report
+from .bench import Method, Row, identity, run, write_report
 from .cli import logs_to_stderr, use_offline_hub
 from .drafts import resolve_draft
 from .fetch import PACKAGED_TARGETS
@@ -58,15 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def chimera_method(draft_tokens: int, lookup_tokens: int) -> Method:
-    """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0."""
-    if lookup_tokens < 0:
-        raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
-    if lookup_tokens == 0:
-        return Method("chimera", draft_tokens)
-    return Method(HYBRID, max(lookup_tokens, draft_tokens), draft_k=draft_tokens)
-
-
 def spread(items: list, n: int) -> list:
     """n items taken at even strides across the list, first one included (all of them if n >= len)."""
     if n < 1:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
     prompts = spread(encode_prompts(args.prompts, tokenizer), args.num_prompts)
-    methods = [Method("none"), chimera_method(args.num_speculative_tokens, args.lookup_tokens)]
+    methods = [Method("none"), Method.chimera(args.num_speculative_tokens, args.lookup_tokens)]
     print(f"{args.target}, {len(prompts)} MT-bench turn-1 prompts, {args.max_new_tokens} new tokens, greedy,")
     print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")
     rows = run(

@@ -83,3 +83,16 @@ def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
 def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(argv, named, capsys):
     assert cli.main(["bench-serving", "--target", "unused", *argv]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--lookup-tokens", "4"], "--lookup-tokens 4 is prompt lookup beside a draft: give --draft"),
+        (["--draft", "no-such-draft", "--lookup-tokens", "4"], "no Chimera draft config at no-such-draft"),
+        (["--draft", "unused", "--num-speculative-tokens", "1", "--lookup-tokens", "-1"], "got -1"),
+    ],
+)
+def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv, named, capsys):
+    assert cli.main(["serve", "unused", *argv]) == 2
+    assert named in capsys.readouterr().err

@@ -22,6 +22,7 @@ from chimera_vllm.vllm_engine import close_llm
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+SERVER_DRAFT_TOKENS = 2  # the draft model's share beside prompt lookup in the server fixture
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", "67108864"]
 
 
@@ -68,9 +69,11 @@ def test_a_draft_directory_serves_its_verifier(pair):
 
 @pytest.fixture(scope="module")
 def server(pair):
-    """`chimera-vllm serve TARGET --speculative-model DRAFT` on 127.0.0.1, stopped at the end."""
+    """`chimera-vllm serve TARGET --speculative-model DRAFT` with prompt lookup beside the draft's
+    2 tokens a step, on 127.0.0.1, stopped at the end."""
     target_dir, draft_dir, _, _ = pair
     cmd = [sys.executable, "-m", "chimera_vllm.cli", "serve", str(target_dir), "--speculative-model", str(draft_dir)]
+    cmd += ["--num-speculative-tokens", str(SERVER_DRAFT_TOKENS), "--lookup-tokens", "4"]
     with serving_bench.serve([*cmd, "--served-model-name", "tiny", *ENGINE_ARGS], timeout_s=300) as running:
         yield running
 
@@ -107,8 +110,18 @@ def test_sixteen_concurrent_requests_match_greedy_decoding(pair, server):
     expected = [tokenizer.decode(o, skip_special_tokens=True) for o in reference(target, prompts, 24, 4)]
     assert answers == expected
     metrics = httpx.get(f"{server[0]}/metrics").text
-    accepted = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
-    assert accepted and float(accepted[0].split()[-1]) > 0
+    drafts, draft_tokens, accepted = (
+        metric(metrics, f"vllm:spec_decode_num_{name}_total") for name in ("drafts", "draft_tokens", "accepted_tokens")
+    )
+    assert accepted > 0
+    assert draft_tokens > SERVER_DRAFT_TOKENS * drafts  # the lookup drafted beyond the draft model's share
+
+
+def metric(text: str, name: str) -> float:
+    """A counter's value in Prometheus text, summed over its label sets."""
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert values, f"{name} is not in the server's metrics"
+    return sum(values)
 
 
 def test_too_long_request_is_refused_and_the_server_keeps_serving(pair, server):
@@ -126,7 +139,7 @@ def test_serving_benchmark_measures_a_load_on_the_chimera_server(pair, server, t
     result = serving_bench.measure_load(
         server[0], "tiny", prompts_file(tmp_path, tokenizer, 8, seed=23), load, 8, 24, tokenizer=str(target_dir)
     )
-    row = serving_bench.ServingRow.from_vllm(Method("chimera", 4), load, result)
+    row = serving_bench.ServingRow.from_vllm(Method.chimera(SERVER_DRAFT_TOKENS, 4), load, result)
     assert (row.requests, row.completed) == (8, 8)
     for stats in (row.ttft_ms, row.tpot_ms, row.e2el_ms):
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
@@ -205,12 +218,12 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
     assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0
 
 
-def test_demo_lookup_tokens_choose_the_method():
-    assert str(demo.chimera_method(1, 4)) == "chimera+ngram:4:1"
-    assert str(demo.chimera_method(3, 2)) == "chimera+ngram:3:3"  # lookup drafts at least the draft model's share
-    assert str(demo.chimera_method(2, 0)) == "chimera:2"
+def test_lookup_tokens_choose_the_method():
+    assert str(Method.chimera(1, 4)) == "chimera+ngram:4:1"
+    assert str(Method.chimera(3, 2)) == "chimera+ngram:3:3"  # lookup drafts at least the draft model's share
+    assert str(Method.chimera(2, 0)) == "chimera:2"
     with pytest.raises(ValueError, match="--lookup-tokens must be 0 .off. or more, got -1"):
-        demo.chimera_method(1, -1)
+        Method.chimera(1, -1)
 
 
 def test_demo_takes_its_prompts_evenly_across_the_file():
