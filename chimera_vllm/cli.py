@@ -83,6 +83,7 @@ def _generate_vllm(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
+    from .prompts import read_prompts
     from .target import eos_token_ids
 
     tokenizer, prompts, target, draft = _load_inputs(args)  # --draft is required for eval
@@ -96,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         eos_token_ids(tokenizer, target.generation_config),
         args.batch_size,
         progress=not args.json,
+        categories=[p.category for p in read_prompts(args.prompts)],
     )
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -115,6 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for b in buckets:
             cells = "  ".join(f"{t:.3f} ({s:.2f})" for t, s in zip(b.head_top1, b.share))
             print(f"  [{b.low:.2f}, {b.high:.2f})  {cells}")
+    if result.by_category:
+        print("by the prompts' category (mean accepted length; head top-1):")
+        for c in result.by_category:
+            cells = "  ".join(f"{t:.3f}" for t in c.head_top1)
+            print(f"  {c.category:<16}{c.num_prompts:>4} prompts  {c.mean_accepted_length:.3f}  {cells}")
 
 
 def cmd_init_draft(args: argparse.Namespace) -> None:

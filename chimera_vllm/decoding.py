@@ -33,8 +33,21 @@ class DecodeStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_by_position: list[int] = field(default_factory=list)
+    # per prompt (the reference decoder's; vLLM's counters are engine-wide): target steps, drafts kept
+    steps_by_request: list[int] = field(default_factory=list)
+    accepted_by_request: list[int] = field(default_factory=list)
     output_tokens: int = 0
     wall_s: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_speculative_tokens: int, num_requests: int) -> DecodeStats:
+        """Counters for a decode of num_requests prompts, all zero."""
+        return cls(
+            num_speculative_tokens,
+            accepted_by_position=[0] * num_speculative_tokens,
+            steps_by_request=[0] * num_requests,
+            accepted_by_request=[0] * num_requests,
+        )
 
     def to_dict(self) -> dict:
         steps = max(self.target_steps, 1)
@@ -154,7 +167,7 @@ class SpeculativeDecoder:
                     f"tokens it passes the target's max_position_embeddings={limit}"
                 )
         reqs = _Requests(prompts, max_new_tokens, eos_token_ids or set())
-        stats = DecodeStats(self.k, accepted_by_position=[0] * self.k)
+        stats = DecodeStats.zeros(self.k, len(prompts))
         start = time.perf_counter()
         bar = tqdm(total=len(prompts) * max_new_tokens, disable=not progress, unit="tok")
         state = self._prefill(reqs)
@@ -252,6 +265,8 @@ class SpeculativeDecoder:
         acc, nxt_list = accepted.tolist(), nxt.tolist()
         draft_list = ids[:, 1:].tolist()
         for b, request in enumerate(state.rows):
+            stats.steps_by_request[request] += 1
+            stats.accepted_by_request[request] += acc[b]
             if not reqs.emit(request, draft_list[b][: acc[b]] + [nxt_list[b]]):
                 running.append(b)
         if len(running) < B:

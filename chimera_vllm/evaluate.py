@@ -16,7 +16,7 @@ drafts fewer tokens when the draft is unsure would keep and drop.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,17 @@ class HeadAccuracy:
     top5: list[float]
     by_target_confidence: list[ConfidenceBucket]
     by_draft_confidence: list[ConfidenceBucket]
+    top1_by_group: dict[str, list[float]]  # per head, over each group's sequences (when groups are given)
+
+
+@dataclass
+class CategoryResult:
+    """The metrics over the prompts of one category (a prompt file's "category" field)."""
+
+    category: str
+    num_prompts: int
+    mean_accepted_length: float
+    head_top1: list[float]
 
 
 class _BucketTally:
@@ -89,6 +100,7 @@ class EvalResult:
     head_top1_by_target_confidence: list[ConfidenceBucket]
     head_top1_by_draft_confidence: list[ConfidenceBucket]
     outputs_identical: bool
+    by_category: list[CategoryResult] = field(default_factory=list)  # weakest first; empty without categories
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,15 +160,22 @@ def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int]
 
 @torch.no_grad()
 def head_accuracy(
-    target: PreTrainedModel, draft: ChimeraDraft, sequences: list[tuple[list[int], list[int]]], num_steps: int
+    target: PreTrainedModel,
+    draft: ChimeraDraft,
+    sequences: list[tuple[list[int], list[int]]],
+    num_steps: int,
+    groups: list[str] | None = None,
 ) -> HeadAccuracy:
     """Teacher-forced top-1/top-5 of each head over (prompt, greedy continuation) pairs, and top-1 by
-    the target's confidence in each labelled token and by the draft's in its own top token."""
+    the target's confidence in each labelled token, by the draft's in its own top token, and by the
+    sequences' groups (one label per sequence) when given."""
     parts = TargetParts.from_model(target)
     by_target, by_draft = _BucketTally(num_steps), _BucketTally(num_steps)
     hits5 = torch.zeros(num_steps)
+    group_hits: dict[str, torch.Tensor] = {}  # per group: [hits, positions] per head
     lm_head = parts.lm_head_weight.float()  # once: for a bf16 target, a vocabulary-sized copy
-    for prompt, continuation in sequences:
+    for i, (prompt, continuation) in enumerate(sequences):
+        tally = None if groups is None else group_hits.setdefault(groups[i], torch.zeros(2, num_steps))
         ids = torch.tensor([prompt + continuation], device=target.device)
         hidden = final_hidden(target, ids)
         confidence = (hidden[0].float() @ lm_head.T).softmax(dim=-1).amax(dim=-1).cpu()
@@ -168,12 +187,15 @@ def head_accuracy(
             by_target.add(k, confidence[p.cpu()], rank < 1)
             by_draft.add(k, logits.float().softmax(dim=-1).amax(dim=-1).cpu(), rank < 1)
             hits5[k] += (rank < 5).sum().item()
+            if tally is not None:
+                tally[:, k] += torch.tensor([(rank < 1).sum().item(), len(rank)])
     total = by_target.counts.sum(dim=1).clamp(min=1)  # positions scored per head
     return HeadAccuracy(
         top1=(by_target.hits.sum(dim=1) / total).tolist(),
         top5=(hits5 / total).tolist(),
         by_target_confidence=by_target.buckets(),
         by_draft_confidence=by_draft.buckets(),
+        top1_by_group={g: (t[0] / t[1].clamp(min=1)).tolist() for g, t in group_hits.items()},
     )
 
 
@@ -186,9 +208,12 @@ def evaluate(
     eos_token_ids: set[int],
     batch_size: int = 16,
     progress: bool = False,
+    categories: list[str | None] | None = None,
 ) -> EvalResult:
-    """Greedy: decode with and without the draft, then score the heads on the target's continuations."""
+    """Greedy: decode with and without the draft, then score the heads on the target's continuations.
+    With categories (one per prompt, None for none), the metrics also per category."""
     plain, spec, steps, accepted = [], [], 0, torch.zeros(num_steps)
+    steps_by_prompt, accepted_by_prompt = [], []
     for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, unit="batch"):
         batch = prompts[start : start + batch_size]
         plain += SpeculativeDecoder(target).generate(batch, max_new_tokens, eos_token_ids)[0]
@@ -196,7 +221,12 @@ def evaluate(
         spec += outputs
         steps += stats.target_steps
         accepted += torch.tensor(stats.accepted_by_position, dtype=torch.float)
-    heads = head_accuracy(target, draft, list(zip(prompts, plain)), num_steps)
+        steps_by_prompt += stats.steps_by_request
+        accepted_by_prompt += stats.accepted_by_request
+    groups = None
+    if categories is not None and any(c is not None for c in categories):
+        groups = [UNCATEGORISED if c is None else c for c in categories]
+    heads = head_accuracy(target, draft, list(zip(prompts, plain)), num_steps, groups)
     return EvalResult(
         num_prompts=len(prompts),
         num_speculative_tokens=num_steps,
@@ -207,4 +237,20 @@ def evaluate(
         head_top1_by_target_confidence=heads.by_target_confidence,
         head_top1_by_draft_confidence=heads.by_draft_confidence,
         outputs_identical=plain == spec,
+        by_category=[] if groups is None else _by_category(groups, steps_by_prompt, accepted_by_prompt, heads),
     )
+
+
+UNCATEGORISED = "(no category)"
+
+
+def _by_category(groups: list[str], steps: list[int], accepted: list[int], heads: HeadAccuracy) -> list[CategoryResult]:
+    """Each category's mean accepted length (from its prompts' own decoding counters) and head top-1,
+    weakest first."""
+    results = []
+    for group, top1 in heads.top1_by_group.items():
+        members = [i for i, g in enumerate(groups) if g == group]
+        group_steps = sum(steps[i] for i in members)
+        tau = 1 + sum(accepted[i] for i in members) / max(group_steps, 1)
+        results.append(CategoryResult(group, len(members), tau, top1))
+    return sorted(results, key=lambda r: r.mean_accepted_length)

@@ -28,6 +28,7 @@ class Prompt:
     source: str  # "file:line"
     text: str
     chat: bool  # rendered with the tokenizer's chat template
+    category: str | None = None  # the record's "category" (MT-bench's eight), for per-category reports
 
 
 def _from_record(obj: object) -> tuple[str, bool] | None:
@@ -77,7 +78,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 f'{where}: expected {{"prompt": str}}, {{"turns": [str, ...]}}, {{"question": str}} '
                 f'or {{"instruction": str}}'
             )
-        prompts.append(Prompt(where, *found))
+        category = obj.get("category")
+        prompts.append(Prompt(where, *found, category if isinstance(category, str) else None))
     if not prompts:
         raise PromptFileError(f"{path}: no prompts")
     return prompts

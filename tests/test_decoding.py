@@ -54,6 +54,12 @@ def test_trained_draft_is_lossless_and_accepts(trained_pair, k):
     s = stats.to_dict()
     assert s["mean_accepted_length"] > 1.5
     assert 0 < s["acceptance_by_position"][-1] < 1, "partial acceptance should occur at the last position"
+    # per prompt: its steps and kept drafts add up to the totals, and produce its output's length
+    assert sum(stats.steps_by_request) == stats.target_steps
+    assert sum(stats.accepted_by_request) == stats.accepted_tokens
+    for output, steps, kept in zip(outputs, stats.steps_by_request, stats.accepted_by_request):
+        # the prefill's token, one a step and the kept drafts, less what the last step made past the end
+        assert 0 <= 1 + steps + kept - len(output) <= k
 
 
 def test_eos_inside_accepted_draft_stops_where_target_would(trained_pair):
@@ -83,7 +89,7 @@ def test_cache_trimmed_on_rejection(trained_pair):
 
     reqs = _Requests(grammar_prompts(tokenizer, 1, seed=1), 40, set())
     state = decoder._prefill(reqs)
-    stats = DecodeStats(4, accepted_by_position=[0] * 4)
+    stats = DecodeStats.zeros(4, 1)
     while state.rows:
         decoder._step(reqs, state, stats)
         if state.rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,26 @@ def test_head_accuracy_by_draft_confidence_adds_up_and_is_calibrated(trained_eva
     assert evaluate(target, untrained, prompts, 4, 40, set()).head_top1_by_draft_confidence[3].share[0] < sure.share[0]
 
 
+def test_metrics_by_category_are_each_categorys_own(trained_pair):
+    """Per category, eval reports what it reports for that category's prompts alone; the weakest first."""
+    _, target, tokenizer, _, trained = trained_pair
+    prompts = grammar_prompts(tokenizer, 8, seed=321)
+    categories = ["even" if i % 2 == 0 else "odd" for i in range(6)] + [None, None]
+    result = evaluate(target, trained, prompts, 4, 40, set(), categories=categories)
+    assert [c.mean_accepted_length for c in result.by_category] == sorted(
+        c.mean_accepted_length for c in result.by_category
+    )
+    by_name = {c.category: c for c in result.by_category}
+    assert sorted(by_name) == ["(no category)", "even", "odd"]
+    for name, members in (("even", [0, 2, 4]), ("odd", [1, 3, 5]), ("(no category)", [6, 7])):
+        alone = evaluate(target, trained, [prompts[i] for i in members], 4, 40, set())
+        assert by_name[name].num_prompts == len(members)
+        assert by_name[name].mean_accepted_length == pytest.approx(alone.mean_accepted_length)
+        assert by_name[name].head_top1 == pytest.approx(alone.head_top1)
+    assert len({c.mean_accepted_length for c in result.by_category}) > 1  # the categories do differ
+    assert evaluate(target, trained, prompts[:2], 4, 8, set(), categories=[None, None]).by_category == []
+
+
 def test_eval_cli_json(capsys, trained_pair, tmp_path):
     target_dir, target, tokenizer, _, trained = trained_pair
     trained.save_pretrained(tmp_path / "draft")
@@ -130,6 +151,21 @@ def test_eval_cli_json(capsys, trained_pair, tmp_path):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_prompts"] == 2 and len(result["head_top1"]) == 3 and result["outputs_identical"]
+    assert result["by_category"] == []  # a plain-text prompt file has no categories
+
+
+def test_eval_cli_prints_the_categories_of_a_jsonl_prompt_file(capsys, trained_pair, tmp_path):
+    target_dir, _, _, _, trained = trained_pair
+    trained.save_pretrained(tmp_path / "draft")
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"turns": ["the red cat sees"], "category": "animals"}, {"turns": ["the old baker"], "category": "people"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["eval", "--target", str(target_dir), "--draft", str(tmp_path / "draft"), "--prompts", str(prompts)]
+    assert main([*argv, "--max-new-tokens", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "by the prompts' category" in printed
+    assert re.search(r"^  animals +1 prompts  \d\.\d{3}  ", printed, re.M)
+    assert re.search(r"^  people +1 prompts  \d\.\d{3}  ", printed, re.M)
 
 
 def test_compare_outputs_finds_each_divergence_and_its_top2_gap(llama_target):
