@@ -451,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--batch-size", type=int, default=256)
     mp.add_argument("--min-chars", type=int, default=16, help="drop shorter prompts")
+    mp.add_argument(
+        "--openers",
+        help="a file of openers, one a line (e.g. data/prompt_openers.txt): sample i's request starts with opener "
+        "i mod n, steering the kinds of request the target writes",
+    )
     mp.add_argument("--dtype", default="bfloat16")
     mp.add_argument("--device", default="cpu", help="(hf engine) e.g. cuda")
     mp.set_defaults(func=cmd_make_prompts)

@@ -86,7 +86,8 @@ def _complete_batches(path: Path, batch_size: int, total: int) -> int:
 class MakePromptsArgs:
     """Chat prompts written by the target (Magpie, arXiv 2406.08464): the chat template up to
     the start of a user message is the whole prompt, so what the target samples next is a user
-    request of the kind its instruction tuning saw."""
+    request of the kind its instruction tuning saw. Openers steer the kind: with "Explain" after
+    the prefix, the target writes a request that begins with it."""
 
     target: str
     out: str
@@ -101,6 +102,18 @@ class MakePromptsArgs:
     device: str = "cpu"  # hf engine
     progress: bool = True
     vllm_args: dict = field(default_factory=dict)
+    openers: str | None = None  # a file of openers, one a line: sample i's request starts with opener i mod n
+
+
+def read_openers(path: str | Path) -> list[str]:
+    """The openers of a file, one a line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no openers file at {path}")
+    openers = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not openers:
+        raise ValueError(f"{path}: no openers (one a line)")
+    return openers
 
 
 class HFEngine:
@@ -200,6 +213,7 @@ def make_prompts(args: MakePromptsArgs) -> Path:
     _check_engine(args.engine)
     if args.count < 1 or args.batch_size < 1:
         raise ValueError(f"count and batch_size must be >= 1, got {args.count} and {args.batch_size}")
+    openers = read_openers(args.openers) if args.openers else [""]
     tokenizer = load_tokenizer(args.target)
     prefix, eos = user_turn_prefix(tokenizer), _eos(tokenizer)
     if not eos:
@@ -213,18 +227,23 @@ def make_prompts(args: MakePromptsArgs) -> Path:
     seen = {_normalised(t) for t in heldout_turns()} | {_normalised(json.loads(line)["turns"][0]) for line in kept}
     if done >= args.count:
         return out
+    opener_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in openers]
     engine = _engine(args)
     bar = tqdm(total=args.count, initial=done, unit="sample", disable=not args.progress)
     with out.open("a") as f:
         for start in range(done, args.count, args.batch_size):
             n = min(args.batch_size, args.count - start)
-            for i, ids in enumerate(engine([prefix] * n, start, eos)):
-                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            fed = [prefix + opener_ids[(start + i) % len(openers)] for i in range(n)]
+            for i, ids in enumerate(engine(fed, start, eos)):
+                opener = openers[(start + i) % len(openers)]
+                text = tokenizer.decode(opener_ids[(start + i) % len(openers)] + ids, skip_special_tokens=True).strip()
                 key = _normalised(text)
-                if not ids or ids[-1] not in eos or len(text) < args.min_chars or key in seen:
+                if not ids or ids[-1] not in eos or len(text) < args.min_chars + len(opener) or key in seen:
                     continue
                 seen.add(key)
-                source = f"{args.target} seed {args.seed} sample {start + i}"
+                source = f"{args.target} seed {args.seed} sample {start + i}" + (
+                    f" opener {opener!r}" if opener else ""
+                )
                 f.write(json.dumps({"turns": [text], "source": source}) + "\n")
                 kept_lines += 1
             f.flush()

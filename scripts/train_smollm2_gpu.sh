@@ -9,7 +9,8 @@
 #   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
 #
 # Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
-# GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
+# GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
+# target-written requests, e.g. data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
 # INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
 # TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON.
@@ -24,6 +25,7 @@ SEED=${SEED:-1}
 GSM8K_PROMPTS=${GSM8K_PROMPTS:-3000}
 MAGPIE_SAMPLES=${MAGPIE_SAMPLES:-0}
 MAGPIE_SAMPLED=${MAGPIE_SAMPLED:-1}
+MAGPIE_OPENERS=${MAGPIE_OPENERS:-}
 MAX_PROMPT_TOKENS=${MAX_PROMPT_TOKENS:-320}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-320}
 BASE_DATA=${BASE_DATA:-}
@@ -72,7 +74,7 @@ fi
 if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
     stage "prompts written by the target: $MAGPIE_SAMPLES samples of its user turn"
     cli make-prompts --target $TARGET --device "$DEVICE" --batch-size "$GEN_BATCH" --seed "$SEED" \
-        --count "$MAGPIE_SAMPLES" --out "$RUN/magpie_prompts.jsonl"
+        --count "$MAGPIE_SAMPLES" ${MAGPIE_OPENERS:+--openers "$MAGPIE_OPENERS"} --out "$RUN/magpie_prompts.jsonl"
     stage "greedy answers, target-written prompts"
     answer greedy_magpie.jsonl "$RUN/magpie_prompts.jsonl"
     parts+=("$RUN/greedy_magpie.jsonl")

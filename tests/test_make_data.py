@@ -163,6 +163,41 @@ def test_make_prompts_keeps_distinct_finished_samples_of_the_user_turn(llama_dir
     assert [p.text for p in prompts] == ["Write a poem about rain."] and prompts[0].chat
 
 
+def test_make_prompts_starts_each_request_with_its_opener(llama_dir, tmp_path, monkeypatch):
+    """Sample i is fed the user-turn prefix and opener i mod n; the prompt is the opener and what followed."""
+    tokenizer = load_tokenizer(str(llama_dir))
+    eos = tokenizer.eos_token_id
+    openers = tmp_path / "openers.txt"
+    openers.write_text("Explain\n\nWrite a\n")
+    fed = []
+
+    def engine(prompts, first_index, stop):
+        fed.extend(prompts)
+        return [
+            tokenizer(f" request number {i}.", add_special_tokens=False).input_ids + [eos]
+            for i in range(first_index, first_index + len(prompts))
+        ]
+
+    monkeypatch.setattr("chimera_vllm.make_data._engine", lambda args: engine)
+    out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=8, openers=str(openers)))
+    prefix = user_turn_prefix(tokenizer)
+    opener_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in ("Explain", "Write a")]
+    assert fed == [prefix + opener_ids[i % 2] for i in range(5)]
+    expected = [f"{('Explain', 'Write a')[i % 2]} request number {i}." for i in range(5)]
+    assert [p.text for p in read_prompts(out)] == expected
+    assert "opener 'Write a'" in out.read_text().splitlines()[1]
+
+
+@pytest.mark.parametrize(("text", "named"), [(None, "no openers file at"), ("\n \n", r"no openers \(one a line\)")])
+def test_make_prompts_refuses_a_missing_or_empty_openers_file(llama_dir, tmp_path, text, named):
+    openers = tmp_path / "openers.txt"
+    if text is not None:
+        openers.write_text(text)
+    with pytest.raises((FileNotFoundError, ValueError), match=named):
+        make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=2, openers=str(openers)))
+    assert not (tmp_path / "p.jsonl").exists()  # refused before writing anything
+
+
 def test_make_prompts_samples_the_target_and_resumes_to_the_same_file(llama_dir, tmp_path):
     whole = make_prompts(_prompt_args(llama_dir, tmp_path / "whole.jsonl", count=12, min_chars=1, seed=5))
     lines = whole.read_text().splitlines(keepends=True)
