@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--temperature", type=float, default=1.0)
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--batch-size", type=int, default=256)
-    mp.add_argument("--min-chars", type=int, default=16, help="drop shorter prompts")
+    mp.add_argument("--min-chars", type=int, default=16, help="drop shorter prompts (not counting the opener)")
     mp.add_argument(
         "--openers",
         help="a file of openers, one a line (e.g. data/prompt_openers.txt): sample i's request starts with opener "

@@ -97,7 +97,7 @@ class MakePromptsArgs:
     temperature: float = 1.0
     seed: int = 0
     batch_size: int = 256
-    min_chars: int = 16
+    min_chars: int = 16  # drop prompts shorter than this after their opener
     dtype: str = "bfloat16"
     device: str = "cpu"  # hf engine
     progress: bool = True
@@ -233,10 +233,10 @@ def make_prompts(args: MakePromptsArgs) -> Path:
     with out.open("a") as f:
         for start in range(done, args.count, args.batch_size):
             n = min(args.batch_size, args.count - start)
-            fed = [prefix + opener_ids[(start + i) % len(openers)] for i in range(n)]
-            for i, ids in enumerate(engine(fed, start, eos)):
-                opener = openers[(start + i) % len(openers)]
-                text = tokenizer.decode(opener_ids[(start + i) % len(openers)] + ids, skip_special_tokens=True).strip()
+            chosen = [(start + i) % len(openers) for i in range(n)]
+            for i, ids in enumerate(engine([prefix + opener_ids[c] for c in chosen], start, eos)):
+                opener = openers[chosen[i]]
+                text = tokenizer.decode(opener_ids[chosen[i]] + ids, skip_special_tokens=True).strip()
                 key = _normalised(text)
                 if not ids or ids[-1] not in eos or len(text) < args.min_chars + len(opener) or key in seen:
                     continue
