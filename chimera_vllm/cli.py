@@ -539,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--target", required=True)
     bs.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
     bs.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
-    bs.add_argument("--methods", nargs="+", default=["none", "chimera:2"], help="none, ngram:K, chimera:K, medusa:K")
+    bs.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "chimera:2"],
+        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K",
+    )
     bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
     bs.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="loads: requests in flight")
@@ -561,7 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--target", required=True)
     pp.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
     pp.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
-    pp.add_argument("--methods", nargs="+", default=["none", "chimera:2"], help="none, ngram:K, chimera:K, medusa:K")
+    pp.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "chimera:2"],
+        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K",
+    )
     pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     pp.add_argument(
         "--num-prompts",

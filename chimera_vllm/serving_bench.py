@@ -244,7 +244,10 @@ def run(
     if not loads:
         raise ValueError("no loads: give concurrency levels or request rates")
     if any(m.name == "hf" for m in methods):
-        raise ValueError("method hf: transformers' generate is not a server; use none, ngram:K, chimera:K or medusa:K")
+        raise ValueError(
+            "method hf: transformers' generate is not a server; "
+            "use none, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K"
+        )
     rows: list[ServingRow] = []
     bar = tqdm(total=len(methods) * len(loads), desc="loads", unit="load")
     for method in methods:
