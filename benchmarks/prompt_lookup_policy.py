@@ -16,6 +16,7 @@ lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera
 
 import argparse
 import sys
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
+from chimera_vllm.prompts import read_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from draft_confidence_policy import CostModel, add_common_arguments, load_inputs  # noqa: E402
@@ -54,6 +56,22 @@ def policies(max_k: int, heads: int) -> list[tuple[str, int, bool, int | None]]:
     return out
 
 
+BY_CATEGORY = ("chimera:1", "ngram:4", "chimera+ngram:4:1")
+"""The policies priced per category of the prompts (MT-bench's eight) as well."""
+
+
+def category_table(steps: dict[str, dict[str, list[SimulatedStep]]], cost: CostModel) -> tuple[list[str], list]:
+    """(header, rows): per category, τ and estimated speedup of each BY_CATEGORY policy and the
+    lookup's share of the hybrid's steps, the hybrid's weakest category first."""
+    header = ["category"] + [f"{m} τ / est." for m in BY_CATEGORY] + [f"{BY_CATEGORY[-1]} lookup drafted"]
+    priced = {c: [price(m, steps[m][c], cost) for m in BY_CATEGORY] for c in steps[BY_CATEGORY[0]]}
+    rows = [
+        [c] + [f"{e.tau:.2f} / {e.speedup:.2f}x" for e in estimates] + [f"{estimates[-1].lookup_share:.2f}"]
+        for c, estimates in sorted(priced.items(), key=lambda item: item[1][-1].speedup)
+    ]
+    return header, rows
+
+
 def main() -> None:
     from chimera_vllm.bench import markdown, run_info, write_result_files
     from chimera_vllm.decoding import SpeculativeDecoder
@@ -73,14 +91,19 @@ def main() -> None:
         continuations += SpeculativeDecoder(target).generate(batch, args.max_new_tokens + args.max_k, eos)[0]
     lookup = PromptLookup(NGRAM_LOOKUP["prompt_lookup_min"], NGRAM_LOOKUP["prompt_lookup_max"])
     plans = policies(args.max_k, heads)
+    categories = [p.category or "(no category)" for p in read_prompts(args.prompts)]
     steps: dict[str, list[SimulatedStep]] = {method: [] for method, *_ in plans}
-    for prompt, continuation in tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt"):
+    by_category: dict[str, dict[str, list[SimulatedStep]]] = {m: defaultdict(list) for m in BY_CATEGORY}
+    for i, (prompt, continuation) in enumerate(tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt")):
         tokens = prompt + continuation
         accepts = greedy_accepts(draft_top1(target, draft, tokens, len(prompt), heads), tokens)
         for method, k, lookup_on, d in plans:
             policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, d) if lookup_on else None
             model = None if d is None else accepts
-            steps[method] += simulate_greedy_steps(tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup)
+            replayed = simulate_greedy_steps(tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup)
+            steps[method] += replayed
+            if method in by_category:
+                by_category[method][categories[i]] += replayed
     estimates = [price(method, steps[method], cost) for method, *_ in plans]
     header = ["method", "τ", "lookup drafted", "draft-model steps", "est. ms/step", "est. speedup"]
     rows = [
@@ -89,6 +112,9 @@ def main() -> None:
         for e in estimates
     ]
     table = markdown(header, rows)
+    if args.max_k >= 4 and len(by_category[BY_CATEGORY[0]]) > 1:
+        table += "\n\nBy the prompts' category (the hybrid's weakest first):\n\n"
+        table += markdown(*category_table(by_category, cost))
     print(table)
     if args.out:
         info = run_info("python benchmarks/prompt_lookup_policy.py " + " ".join(sys.argv[1:]))

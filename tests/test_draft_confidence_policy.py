@@ -56,3 +56,22 @@ def test_recorded_steps_agree_with_the_decoder_and_leave_the_draft_as_it_was(tra
     assert len(steps) == sum(s.target_steps for s in stats)
     assert sum(s["accepted"] for s in steps) == sum(s.accepted_tokens for s in stats)
     assert all(len(s["probability"]) == 3 and all(0 < x <= 1 for x in s["probability"]) for s in steps)
+
+
+def test_lookup_policy_by_category_prices_each_categorys_own_steps():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_lookup_policy.py"
+    spec = importlib.util.spec_from_file_location("prompt_lookup_policy", path)
+    lookup_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lookup_bench)
+    step = lookup_bench.SimulatedStep
+    chimera, ngram, hybrid = lookup_bench.BY_CATEGORY
+    steps = {
+        chimera: {"code": [step(1, 1, 1)], "prose": [step(1, 0, 1)]},
+        ngram: {"code": [step(4, 4, 0)], "prose": [step(0, 0, 0)]},
+        hybrid: {"code": [step(4, 3, 0), step(1, 1, 1)], "prose": [step(1, 0, 1)]},
+    }
+    header, rows = lookup_bench.category_table(steps, COST)
+    assert header[0] == "category" and len(header) == 5
+    # prose: the hybrid keeps nothing at 1 + 12 + 2 ms against 11 ms a plain step; code: τ (4 + 2) / 2
+    assert rows[0] == ["prose", "1.00 / 0.73x", "1.00 / 1.00x", "1.00 / 0.73x", "0.00"]
+    assert rows[1][0] == "code" and rows[1][3].startswith("3.00 / ") and rows[1][4] == "0.50"
