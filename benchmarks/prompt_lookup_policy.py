@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+# its neighbour: run as a script, its own folder is sys.path[0]
+from draft_confidence_policy import CostModel, add_common_arguments, load_inputs
 from tqdm.auto import tqdm
 
 from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
 from chimera_vllm.prompts import read_prompts
-
-sys.path.insert(0, str(Path(__file__).parent))
-from draft_confidence_policy import CostModel, add_common_arguments, load_inputs  # noqa: E402
 
 
 @dataclass

@@ -58,8 +58,11 @@ def test_recorded_steps_agree_with_the_decoder_and_leave_the_draft_as_it_was(tra
     assert all(len(s["probability"]) == 3 and all(0 < x <= 1 for x in s["probability"]) for s in steps)
 
 
-def test_lookup_policy_by_category_prices_each_categorys_own_steps():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_lookup_policy.py"
+def test_lookup_policy_by_category_prices_each_categorys_own_steps(monkeypatch):
+    # the benchmark imports its neighbour as a script does; the path is restored after the test (a
+    # benchmarks/ folder left on sys.path would shadow packages in vLLM's spawned processes: `kernels`)
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    path = _PATH.parent / "prompt_lookup_policy.py"
     spec = importlib.util.spec_from_file_location("prompt_lookup_policy", path)
     lookup_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lookup_bench)
