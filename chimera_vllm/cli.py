@@ -319,16 +319,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     spec = None
     if args.lookup_tokens and not args.draft:
         raise ValueError(f"--lookup-tokens {args.lookup_tokens} is prompt lookup beside a draft: give --draft")
-    if args.draft and args.lookup_tokens:
+    if args.draft:
         from .bench import Method
         from .config import ChimeraConfig
 
         draft_tokens = args.num_speculative_tokens or ChimeraConfig.load(args.draft).num_heads
         spec = Method.chimera(draft_tokens, args.lookup_tokens).spec({"chimera": args.draft})
-    elif args.draft:
-        from .vllm_engine import chimera_spec
-
-        spec = chimera_spec(args.draft, args.num_speculative_tokens)
     cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
     sys.stdout.flush()
     os.execv(sys.executable, cmd)

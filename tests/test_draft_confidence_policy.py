@@ -11,10 +11,18 @@ from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.model import ChimeraDraft
 from chimera_vllm.tiny import grammar_prompts
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_confidence_policy.py"
-_SPEC = importlib.util.spec_from_file_location("draft_confidence_policy", _PATH)
-policy_bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(policy_bench)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A benchmarks/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+policy_bench = load_benchmark("draft_confidence_policy")
 
 COST = policy_bench.CostModel(target_ms=[10.0, 12.0, 15.0], draft_step_ms=2.0, overhead_ms=1.0)
 
@@ -61,11 +69,8 @@ def test_recorded_steps_agree_with_the_decoder_and_leave_the_draft_as_it_was(tra
 def test_lookup_policy_by_category_prices_each_categorys_own_steps(monkeypatch):
     # the benchmark imports its neighbour as a script does; the path is restored after the test (a
     # benchmarks/ folder left on sys.path would shadow packages in vLLM's spawned processes: `kernels`)
-    monkeypatch.syspath_prepend(str(_PATH.parent))
-    path = _PATH.parent / "prompt_lookup_policy.py"
-    spec = importlib.util.spec_from_file_location("prompt_lookup_policy", path)
-    lookup_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lookup_bench)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    lookup_bench = load_benchmark("prompt_lookup_policy")
     step = lookup_bench.SimulatedStep
     chimera, ngram, hybrid = lookup_bench.BY_CATEGORY
     steps = {

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from chimera_vllm import cli
 from chimera_vllm.bench import Method
+from chimera_vllm.drafts import resolve_draft
+from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY
 from chimera_vllm.serving_bench import PERCENTILES, Load, ServingRow, add_ratios, markdown_table, plot, server_args
 
 
@@ -96,3 +99,26 @@ def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(ar
 def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv, named, capsys):
     assert cli.main(["serve", "unused", *argv]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "spec"),
+    [
+        ([], {"num_speculative_tokens": 4}),  # the draft's heads
+        (["--num-speculative-tokens", "2"], {"num_speculative_tokens": 2}),
+        (
+            ["--lookup-tokens", "4", "--num-speculative-tokens", "1"],
+            {"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 1},
+        ),
+    ],
+)
+def test_serve_passes_the_drafts_speculative_config_to_vllms_server(argv, spec, monkeypatch):
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda executable, cmd: execs.append(cmd))
+    assert cli.main(["serve", "TARGET", "--draft", "smollm2-135m-instruct", *argv]) == 0
+    (cmd,) = execs
+    assert cmd[2:5] == ["vllm.entrypoints.openai.api_server", "--model", "TARGET"]
+    assert json.loads(cmd[cmd.index("--speculative-config") + 1]) == {
+        "model": resolve_draft("smollm2-135m-instruct"),
+        **spec,
+    }
