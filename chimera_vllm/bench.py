@@ -13,7 +13,7 @@ import datetime
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -76,10 +76,11 @@ class Method:
         return cls(HYBRID, max(lookup_tokens, draft_tokens), draft_k=draft_tokens)
 
     def __str__(self) -> str:
+        if self.name == HYBRID:
+            text = f"{self.name}:{self.k}" + (f":{self.draft_k}" if self.draft_k is not None else "")
+            return f"{text}:auto" if self.schedule else text
         if self.schedule:
             return f"{self.name}:auto"
-        if self.draft_k is not None:
-            return f"{self.name}:{self.k}:{self.draft_k}"
         return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
@@ -93,29 +94,33 @@ class Method:
                 raise ValueError(f"the {self.name} method needs --{'draft' if kind == 'chimera' else 'medusa'}")
             if self.name == "medusa":
                 return medusa_spec(path, self.k)
+            extra = {}
             if self.schedule:
-                return chimera_spec(
-                    path, self.k, num_speculative_tokens_per_batch_size=[list(e) for e in self.schedule]
-                )
+                extra["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]
             if self.name == HYBRID:
-                lookup = {**NGRAM_LOOKUP, **({DRAFT_TOKENS_KEY: self.draft_k} if self.draft_k else {})}
-                return chimera_spec(path, self.k, **lookup)
-            return chimera_spec(path, self.k)
+                extra.update(NGRAM_LOOKUP, **({DRAFT_TOKENS_KEY: self.draft_k} if self.draft_k else {}))
+            return chimera_spec(path, self.k, **extra)
         return None
 
 
-def tuned_schedule(rows: list[Row], dtype: str) -> tuple[tuple[int, int, int], ...] | None:
+def tuned_schedule(
+    rows: list[Row], dtype: str, hybrid: Method | None = None
+) -> tuple[tuple[int, int, int], ...] | None:
     """vLLM's batch-size schedule from greedy measurements: at each measured batch size the K of the
     fastest Chimera row, or 0 where no-speculation was faster; each K covers the batch sizes from
     just above the previous measured size up to its own (the last one up to any size).
-    None when speculation lost everywhere."""
+    None when speculation lost everywhere.
+
+    hybrid (a chimera+ngram:K:D method): its own schedule, K where it beat no speculation and 0
+    elsewhere (a smaller K would cap the lookup's drafts too: a method not measured)."""
     measured = sorted({r.batch_size for r in rows if (r.method, r.dtype, r.temperature) == ("none", dtype, 0)})
     entries, first = [], 1
     for i, b in enumerate(measured):
         candidates = [
             r
             for r in rows
-            if r.method.startswith("chimera:") and (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
+            if (r.method == str(hybrid) if hybrid else r.method.startswith("chimera:"))
+            and (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
         ]
         best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
         k = Method.parse(best.method).k if best is not None and (best.speedup or 0) > 1 else 0
@@ -257,7 +262,8 @@ def run(
     """One engine per (dtype, method, batch size); progress shows each engine's requests too.
 
     tune_schedule: then one more Chimera engine per batch size with vLLM's batch-size schedule
-    built from the measured rows (method "chimera:auto", see tuned_schedule). Greedy rows whose
+    built from the measured rows (method "chimera:auto", see tuned_schedule), and one per
+    chimera+ngram method with its own ("chimera+ngram:K:D:auto"). Greedy rows whose
     outputs differ from no-spec's get their match rate and near-tie check (check_divergences)."""
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
@@ -285,9 +291,16 @@ def run(
     add_ratios(rows)
     if tune_schedule:
         for dtype in dtypes:
-            schedule = tuned_schedule(rows, dtype)
-            if schedule is not None:
-                auto = Method("chimera", max(k for *_, k in schedule), schedule)
+            hybrids = [m for m in methods if m.name == HYBRID]
+            schedules = [(None, tuned_schedule(rows, dtype))] + [(m, tuned_schedule(rows, dtype, m)) for m in hybrids]
+            for family, schedule in schedules:
+                if schedule is None:
+                    continue
+                auto = (
+                    replace(family, schedule=schedule)
+                    if family
+                    else Method("chimera", max(k for *_, k in schedule), schedule)
+                )
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
     if any(r.outputs_identical is False for r in rows):

@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--tune-schedule",
         action="store_true",
-        help="then run chimera:auto: vLLM's batch-size schedule with the fastest measured K per batch size",
+        help="then run chimera:auto: vLLM's batch-size schedule with the fastest measured K per batch size, "
+        "and chimera+ngram:K:D:auto for each chimera+ngram method: it where it beat no speculation, off elsewhere",
     )
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument(

@@ -38,6 +38,29 @@ def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_specul
     assert tuned_schedule(rows, "float32") is None  # speculation lost everywhere: no schedule
 
 
+def test_a_prompt_lookup_hybrid_gets_its_own_schedule_it_where_it_won_and_off_elsewhere():
+    hybrid = Method.parse("chimera+ngram:4:4")
+    rows = [
+        _row("none", 1, 10.0),
+        _row("chimera:2", 1, 13.0),
+        _row("chimera+ngram:4:4", 1, 16.0),
+        _row("chimera+ngram:4:2", 1, 17.0),  # another hybrid: not this one's to schedule
+        _row("none", 16, 90.0),
+        _row("chimera:2", 16, 95.0),
+        _row("chimera+ngram:4:4", 16, 60.0),
+    ]
+    add_ratios(rows)
+    schedule = tuned_schedule(rows, "bfloat16", hybrid)
+    assert schedule == ((1, 1, 4), (2, 1 << 20, 0))
+    assert tuned_schedule(rows, "bfloat16") == ((1, 1, 2), (2, 1 << 20, 2))  # Chimera's own, unchanged
+    auto = Method(hybrid.name, hybrid.k, schedule, hybrid.draft_k)
+    assert str(auto) == "chimera+ngram:4:4:auto"
+    spec = auto.spec({"chimera": "DRAFT"})
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 1, 4], [2, 1 << 20, 0]]
+    lookup = {"num_speculative_tokens": 4, "chimera_num_speculative_tokens": 4, "prompt_lookup_min": 2}
+    assert lookup.items() <= spec.items()
+
+
 def test_identity_cell_reports_the_match_rate_when_known():
     rows = [_row("none", 1, 10.0), _row("chimera:2", 1, 9.0), _row("ngram:3", 1, 9.0)]
     rows[2].outputs = [[2]]
