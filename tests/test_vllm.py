@@ -398,6 +398,24 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
 LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
 
 
+def test_batch_size_schedule_turns_prompt_lookup_beside_the_draft_off(pair, baseline):
+    """A scheduled K = 0 (what bench --tune-schedule gives chimera+ngram where it loses) drafts
+    nothing, lookup included, while 4 requests run; one request alone drafts; greedy output stays
+    the target's in both."""
+    _, _, _, tokenizer = pair
+    prompts = grammar_prompts(tokenizer, 4, seed=43)
+    spec_extra = {**LOOKUP, "num_speculative_tokens_per_batch_size": [[1, 1, 3], [2, 512, 0]]}
+    llm = make_engine(pair[0], pair[1], 3, spec_extra=spec_extra, max_num_seqs=4)
+    try:
+        for batch in (prompts, prompts[:1]):
+            before = SpecCounters.read(llm)
+            assert greedy(llm, batch, 24, ignore_eos=True) == greedy(baseline, batch, 24, ignore_eos=True)
+            got = SpecCounters.read(llm) - before
+            assert (got.drafts > 0) == (len(batch) == 1), (len(batch), got)
+    finally:
+        close_llm(llm)
+
+
 @pytest.fixture(scope="module")
 def chimera_lookup(pair):
     """Prompt lookup with up to 5 tokens (one more than the draft has heads) beside 2 of the draft
