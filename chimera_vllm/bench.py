@@ -66,14 +66,19 @@ class Method:
         return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
 
     @classmethod
-    def chimera(cls, draft_tokens: int, lookup_tokens: int = 0) -> Method:
+    def chimera(cls, draft_tokens: int, lookup_tokens: int = 0, max_batch: int | None = None) -> Method:
         """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0
-        (the lookup drafts at least the draft model's share: K = max(L, D))."""
+        (the lookup drafts at least the draft model's share: K = max(L, D)); with max_batch, only
+        while at most that many requests run (vLLM's batch-size schedule, K = 0 above)."""
         if lookup_tokens < 0:
             raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"--max-speculative-batch must be 1 or more, got {max_batch}")
+        k = max(lookup_tokens, draft_tokens)
+        schedule = None if max_batch is None else ((1, max_batch, k), (max_batch + 1, 1 << 20, 0))
         if lookup_tokens == 0:
-            return cls("chimera", draft_tokens)
-        return cls(HYBRID, max(lookup_tokens, draft_tokens), draft_k=draft_tokens)
+            return cls("chimera", k, schedule)
+        return cls(HYBRID, k, schedule, draft_tokens)
 
     def __str__(self) -> str:
         if self.name == HYBRID:

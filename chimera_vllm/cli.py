@@ -324,7 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .config import ChimeraConfig
 
         draft_tokens = args.num_speculative_tokens or ChimeraConfig.load(args.draft).num_heads
-        spec = Method.chimera(draft_tokens, args.lookup_tokens).spec({"chimera": args.draft})
+        method = Method.chimera(draft_tokens, args.lookup_tokens, args.max_speculative_batch)
+        spec = method.spec({"chimera": args.draft})
     cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
@@ -603,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="prompt lookup beside the draft: where the text so far matches, up to this many tokens of what "
         "followed the match, the draft model elsewhere (0: off; docs/vllm-integration.md)",
+    )
+    v.add_argument(
+        "--max-speculative-batch",
+        type=int,
+        default=None,
+        help="speculate only while at most this many requests run (vLLM's batch-size schedule; default: always); "
+        "on a CPU, where verifying drafts for many requests costs more than it gains",
     )
     v.set_defaults(func=cmd_serve)
     return parser

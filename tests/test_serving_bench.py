@@ -94,6 +94,7 @@ def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(ar
         (["--lookup-tokens", "4"], "--lookup-tokens 4 is prompt lookup beside a draft: give --draft"),
         (["--draft", "no-such-draft", "--lookup-tokens", "4"], "no Chimera draft config at no-such-draft"),
         (["--draft", "unused", "--num-speculative-tokens", "1", "--lookup-tokens", "-1"], "got -1"),
+        (["--draft", "unused", "--num-speculative-tokens", "1", "--max-speculative-batch", "0"], "got 0"),
     ],
 )
 def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv, named, capsys):
@@ -109,6 +110,20 @@ def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv,
         (
             ["--lookup-tokens", "4", "--num-speculative-tokens", "1"],
             {"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 1},
+        ),
+        (
+            ["--lookup-tokens", "4", "--max-speculative-batch", "2"],
+            {
+                "num_speculative_tokens": 4,
+                "num_speculative_tokens_per_batch_size": [[1, 2, 4], [3, 1 << 20, 0]],
+                "prompt_lookup_min": 2,
+                "prompt_lookup_max": 5,
+                DRAFT_TOKENS_KEY: 4,
+            },
+        ),
+        (
+            ["--num-speculative-tokens", "2", "--max-speculative-batch", "1"],
+            {"num_speculative_tokens": 2, "num_speculative_tokens_per_batch_size": [[1, 1, 2], [2, 1 << 20, 0]]},
         ),
     ],
 )
