@@ -295,15 +295,15 @@ def run(
         rows += measure(dtype, method, batch_size)
     add_ratios(rows)
     if tune_schedule:
+        hybrids = [m for m in methods if m.name == HYBRID]
         for dtype in dtypes:
-            hybrids = [m for m in methods if m.name == HYBRID]
             schedules = [(None, tuned_schedule(rows, dtype))] + [(m, tuned_schedule(rows, dtype, m)) for m in hybrids]
             for family, schedule in schedules:
                 if schedule is None:
                     continue
                 auto = (
                     replace(family, schedule=schedule)
-                    if family
+                    if family is not None
                     else Method("chimera", max(k for *_, k in schedule), schedule)
                 )
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
