@@ -400,8 +400,9 @@ LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
 
 def test_batch_size_schedule_turns_prompt_lookup_beside_the_draft_off(pair, baseline):
     """A scheduled K = 0 (what bench --tune-schedule gives chimera+ngram where it loses) drafts
-    nothing, lookup included, while 4 requests run; one request alone drafts; greedy output stays
-    the target's in both."""
+    nothing, lookup included, while 4 requests run (but for a step or two the engine process may
+    take before the last of them arrives: without the schedule they draft ~40 times); one request
+    alone drafts; greedy output stays the target's in both."""
     _, _, _, tokenizer = pair
     prompts = grammar_prompts(tokenizer, 4, seed=43)
     spec_extra = {**LOOKUP, "num_speculative_tokens_per_batch_size": [[1, 1, 3], [2, 512, 0]]}
@@ -411,7 +412,7 @@ def test_batch_size_schedule_turns_prompt_lookup_beside_the_draft_off(pair, base
             before = SpecCounters.read(llm)
             assert greedy(llm, batch, 24, ignore_eos=True) == greedy(baseline, batch, 24, ignore_eos=True)
             got = SpecCounters.read(llm) - before
-            assert (got.drafts > 0) == (len(batch) == 1), (len(batch), got)
+            assert got.drafts > 0 if len(batch) == 1 else got.drafts <= 2, (len(batch), got)
     finally:
         close_llm(llm)
 
