@@ -32,6 +32,8 @@ from .vllm_engine import (
 
 HYBRID = "chimera+ngram"
 METHODS = ("none", "ngram", "chimera", "medusa", "hf", HYBRID)
+ANY_BATCH = 1 << 20
+"""The last batch size of a schedule's open-ended range (vLLM clips it to max_num_seqs)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Method:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"--max-speculative-batch must be 1 or more, got {max_batch}")
         k = max(lookup_tokens, draft_tokens)
-        schedule = None if max_batch is None else ((1, max_batch, k), (max_batch + 1, 1 << 20, 0))
+        schedule = None if max_batch is None else ((1, max_batch, k), (max_batch + 1, ANY_BATCH, 0))
         if lookup_tokens == 0:
             return cls("chimera", k, schedule)
         return cls(HYBRID, k, schedule, draft_tokens)
@@ -129,7 +131,7 @@ def tuned_schedule(
         ]
         best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
         k = Method.parse(best.method).k if best is not None and (best.speedup or 0) > 1 else 0
-        last = b if i + 1 < len(measured) else 1 << 20
+        last = b if i + 1 < len(measured) else ANY_BATCH
         entries.append((first, last, k))
         first = b + 1
     return tuple(entries) if any(k for *_, k in entries) else None
