@@ -319,6 +319,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     spec = None
     if args.lookup_tokens and not args.draft:
         raise ValueError(f"--lookup-tokens {args.lookup_tokens} is prompt lookup beside a draft: give --draft")
+    if args.max_speculative_batch is not None and not args.draft:
+        raise ValueError(
+            f"--max-speculative-batch {args.max_speculative_batch} schedules a draft's speculation: give --draft"
+        )
     if args.draft:
         from .bench import Method
         from .config import ChimeraConfig

@@ -95,6 +95,7 @@ def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(ar
         (["--draft", "no-such-draft", "--lookup-tokens", "4"], "no Chimera draft config at no-such-draft"),
         (["--draft", "unused", "--num-speculative-tokens", "1", "--lookup-tokens", "-1"], "got -1"),
         (["--draft", "unused", "--num-speculative-tokens", "1", "--max-speculative-batch", "0"], "got 0"),
+        (["--max-speculative-batch", "1"], "--max-speculative-batch 1 schedules a draft's speculation: give --draft"),
     ],
 )
 def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv, named, capsys):
