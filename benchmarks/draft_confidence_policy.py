@@ -38,6 +38,7 @@ class CostModel:
     target_ms: list[float]  # a target forward with 1, 2, ... query tokens (the last increment extends it)
     draft_step_ms: float
     overhead_ms: float  # the rest of an engine step: scheduler, sampler, input preparation
+    draft_fixed_ms: float = 0.0  # a proposal's cost beside its draft steps (context writes, metadata)
 
     def target(self, query_tokens: int) -> float:
         known = len(self.target_ms)
@@ -47,7 +48,8 @@ class CostModel:
         return self.target_ms[-1] + step * (query_tokens - known)
 
     def step(self, query_tokens: int, draft_steps: int) -> float:
-        return self.overhead_ms + self.target(query_tokens) + self.draft_step_ms * draft_steps
+        draft = self.draft_fixed_ms + self.draft_step_ms * draft_steps if draft_steps else 0.0
+        return self.overhead_ms + self.target(query_tokens) + draft
 
 
 def record_steps(target, draft, prompts: list[list[int]], k: int, eos: set[int], max_new_tokens: int) -> list[dict]:
@@ -104,6 +106,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-ms", type=float, nargs="+", default=[65.2, 69.6, 78.0])
     parser.add_argument("--draft-step-ms", type=float, default=9.5)
     parser.add_argument("--overhead-ms", type=float, default=11.0)
+    parser.add_argument("--draft-fixed-ms", type=float, default=0.0)
     parser.add_argument("--out", default=None)
 
 
@@ -120,7 +123,13 @@ def load_inputs(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
     prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
-    return target, tokenizer, draft, prompts, CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms)
+    return (
+        target,
+        tokenizer,
+        draft,
+        prompts,
+        CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms, args.draft_fixed_ms),
+    )
 
 
 def main() -> None:

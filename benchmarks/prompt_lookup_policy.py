@@ -8,7 +8,8 @@ teacher-forced drafts replay any drafting policy exactly
 (``chimera_vllm.prompt_lookup.simulate_greedy_steps``, float32, the transformers reference):
 the Chimera draft alone at K tokens, vLLM's n-gram proposer alone at K, and prompt lookup
 first (up to K tokens) with the draft model's D tokens where it finds no match
-(``chimera+ngram:K:D``). Each policy's steps are priced by the cost model of
+(``chimera+ngram:K:D``); with ``--min-probabilities``, also each Chimera policy whose draft model
+stops at its first token below that probability (``...@c``). Each policy's steps are priced by the cost model of
 benchmarks/draft_confidence_policy.py (default: batch 1, float32, the AVX2 profile); the
 lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera-vllm bench
 --methods chimera+ngram:K:D` measures one. Prints a table; writes OUT.json and OUT.md.
@@ -48,11 +49,14 @@ def price(method: str, steps: list[SimulatedStep], cost: CostModel) -> Estimate:
     return Estimate(method, tau, looked_up, sum(s.draft_model_steps for s in steps) / n, ms, tau / ms * cost.step(1, 0))
 
 
-def policies(max_k: int, heads: int) -> list[tuple[str, int, bool, int | None]]:
-    """(method, K, lookup on, draft-model tokens or None for no draft model)."""
-    out = [(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
-    out += [(f"ngram:{k}", k, True, None) for k in (1, 2, 4, max_k)]
-    out += [(f"chimera+ngram:{k}:{d}", k, True, d) for k in range(1, max_k + 1) for d in range(1, min(k, heads) + 1)]
+def policies(max_k: int, heads: int, min_probabilities: list[float]) -> list[tuple[str, int, bool, int | None, float]]:
+    """(method, K, lookup on, draft-model tokens or None for no draft model, its minimum probability)."""
+    chimera = [(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
+    for k in range(1, max_k + 1):
+        chimera += [(f"chimera+ngram:{k}:{d}", k, True, d) for d in range(1, min(k, heads) + 1)]
+    out = [(f"ngram:{k}", k, True, None, 0.0) for k in (1, 2, 4, max_k)]
+    out += [(*plan, 0.0) for plan in chimera]
+    out += [(f"{plan[0]}@{c:g}", *plan[1:], c) for c in min_probabilities for plan in chimera]
     return out
 
 
@@ -75,12 +79,21 @@ def category_table(steps: dict[str, dict[str, list[SimulatedStep]]], cost: CostM
 def main() -> None:
     from chimera_vllm.bench import markdown, run_info, write_result_files
     from chimera_vllm.decoding import SpeculativeDecoder
-    from chimera_vllm.evaluate import draft_top1, greedy_accepts
+    from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
     from chimera_vllm.vllm_engine import NGRAM_LOOKUP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--max-k", type=int, default=6, help="the most tokens a policy drafts per step")
+    parser.add_argument(
+        "--min-probabilities",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also price each Chimera policy with its draft model stopping at the first token below each",
+    )
+    parser.add_argument("--prompt-lookup-min", type=int, default=NGRAM_LOOKUP["prompt_lookup_min"])
+    parser.add_argument("--prompt-lookup-max", type=int, default=NGRAM_LOOKUP["prompt_lookup_max"])
     args = parser.parse_args()
     target, tokenizer, draft, prompts, cost = load_inputs(args)
     heads = draft.config.num_heads
@@ -89,18 +102,22 @@ def main() -> None:
     for start in tqdm(range(0, len(prompts), 16), desc="target's greedy answers", unit="batch"):
         batch = prompts[start : start + 16]
         continuations += SpeculativeDecoder(target).generate(batch, args.max_new_tokens + args.max_k, eos)[0]
-    lookup = PromptLookup(NGRAM_LOOKUP["prompt_lookup_min"], NGRAM_LOOKUP["prompt_lookup_max"])
-    plans = policies(args.max_k, heads)
+    lookup = PromptLookup(args.prompt_lookup_min, args.prompt_lookup_max)
+    plans = policies(args.max_k, heads, args.min_probabilities)
     categories = [p.category or "(no category)" for p in read_prompts(args.prompts)]
     steps: dict[str, list[SimulatedStep]] = {method: [] for method, *_ in plans}
     by_category: dict[str, dict[str, list[SimulatedStep]]] = {m: defaultdict(list) for m in BY_CATEGORY}
     for i, (prompt, continuation) in enumerate(tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt")):
         tokens = prompt + continuation
-        accepts = greedy_accepts(draft_top1(target, draft, tokens, len(prompt), heads), tokens)
-        for method, k, lookup_on, d in plans:
+        top1, probability = draft_predictions(target, draft, tokens, len(prompt), heads)
+        accepts = greedy_accepts(top1, tokens)
+        for method, k, lookup_on, d, c in plans:
             policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, d) if lookup_on else None
             model = None if d is None else accepts
-            replayed = simulate_greedy_steps(tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup)
+            length = confident_lengths(probability, c) if c else None
+            replayed = simulate_greedy_steps(
+                tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup, draft_model_length=length
+            )
             steps[method] += replayed
             if method in by_category:
                 by_category[method][categories[i]] += replayed

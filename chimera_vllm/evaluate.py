@@ -130,18 +130,28 @@ def head_logits(
 
 
 @torch.no_grad()
-def draft_top1(
+def draft_predictions(
     target: PreTrainedModel, draft: ChimeraDraft, tokens: list[int], prompt_len: int, num_steps: int
-) -> torch.Tensor:
-    """top1[k, p]: the target token head k drafts at query p (for x_{p+1}), teacher-forced over
-    tokens = prompt + the target's greedy continuation; -1 where no anchor of the decoding reaches."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top1, probability) [num_steps, len(tokens)]: the target token head k drafts at query p (for
+    x_{p+1}) and the draft's probability of it (softmax over its vocabulary), teacher-forced over
+    tokens = prompt + the target's greedy continuation; -1 and 0 where no anchor of the decoding reaches."""
     parts = TargetParts.from_model(target)
     ids = torch.tensor([tokens], device=target.device)
     top1 = torch.full((num_steps, len(tokens)), -1, dtype=torch.long)
+    probability = torch.zeros(num_steps, len(tokens))
     for k, p, logits in head_logits(draft, parts, ids, final_hidden(target, ids), prompt_len - 1, num_steps):
-        index = logits.argmax(dim=-1)
+        best, index = logits.float().softmax(dim=-1).max(dim=-1)
         top1[k, p.cpu()] = (index if draft.draft_vocab is None else draft.draft_vocab[index]).cpu()
-    return top1
+        probability[k, p.cpu()] = best.cpu()
+    return top1, probability
+
+
+def draft_top1(
+    target: PreTrainedModel, draft: ChimeraDraft, tokens: list[int], prompt_len: int, num_steps: int
+) -> torch.Tensor:
+    """The top1 table of :func:`draft_predictions`."""
+    return draft_predictions(target, draft, tokens, prompt_len, num_steps)[0]
 
 
 def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int], int]:
@@ -156,6 +166,20 @@ def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int]
         return kept
 
     return accepts
+
+
+def confident_lengths(probability: torch.Tensor, min_probability: float) -> Callable[[int, int], int]:
+    """length(n, s): how many of the s tokens the draft drafts at anchor n it keeps when it stops at the
+    first whose probability (:func:`draft_predictions`' table) is below min_probability."""
+    table = probability.tolist()
+
+    def length(n: int, s: int) -> int:
+        kept = 0
+        while kept < s and n + kept + 1 < len(table[0]) and table[kept][n + kept + 1] >= min_probability:
+            kept += 1
+        return kept
+
+    return length
 
 
 @torch.no_grad()

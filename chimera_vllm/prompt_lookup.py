@@ -119,6 +119,7 @@ def simulate_greedy_steps(
     num_speculative_tokens: int,
     draft_model_accepts: Callable[[int, int], int] | None,
     lookup: PromptLookup | None = None,
+    draft_model_length: Callable[[int, int], int] | None = None,
 ) -> list[SimulatedStep]:
     """The target steps of one request's greedy speculative decoding, from its known output.
 
@@ -128,7 +129,9 @@ def simulate_greedy_steps(
     keeps, or None for no draft model (vLLM's n-gram proposer alone). Greedy decoding keeps
     exactly the drafts that match the continuation, so this replays any drafting policy without
     running the target again: prompt lookup first where it matches, the draft model elsewhere,
-    as :class:`chimera_vllm.vllm_proposer.ChimeraProposer` drafts.
+    as :class:`chimera_vllm.vllm_proposer.ChimeraProposer` drafts. draft_model_length(n, s): how
+    many of those s tokens the draft model keeps when it stops early (a minimum draft probability);
+    it still ran the step of the first token it dropped.
     """
     k = num_speculative_tokens
     draft_k = draft_model_tokens(lookup, k)
@@ -142,7 +145,9 @@ def simulate_greedy_steps(
         elif draft_model_accepts is None:
             step = SimulatedStep(0, 0, 0)
         else:
-            step = SimulatedStep(draft_k, draft_model_accepts(n, draft_k), draft_k)
+            kept = draft_k if draft_model_length is None else draft_model_length(n, draft_k)
+            accepted = min(draft_model_accepts(n, draft_k), kept)
+            step = SimulatedStep(kept, accepted, min(kept + 1, draft_k))
         steps.append(step)
         n += step.accepted + 1
         produced += step.accepted + 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from chimera_vllm.bench import Method
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import draft_top1, greedy_accepts
+from chimera_vllm.evaluate import confident_lengths, draft_predictions, draft_top1, greedy_accepts
 from chimera_vllm.prompt_lookup import (
     DRAFT_TOKENS_KEY,
     PromptLookup,
@@ -84,6 +85,26 @@ def test_greedy_replay_drafts_from_the_lookup_first_and_the_draft_model_elsewher
     assert all(s == SimulatedStep(2, 0, 2) for s in plain) and len(plain) == 7
 
 
+def test_greedy_replay_of_a_draft_model_that_stops_early():
+    """A draft model keeping fewer tokens verifies fewer and keeps only those, and it ran one step
+    more than it kept (the token it dropped) unless it kept them all."""
+    tokens = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7]
+    full = simulate_greedy_steps(tokens, 4, 8, 3, lambda n, s: 2)
+    assert all(s == SimulatedStep(3, 2, 3) for s in full)
+    for kept, expected in ((3, SimulatedStep(3, 2, 3)), (1, SimulatedStep(1, 1, 2)), (0, SimulatedStep(0, 0, 1))):
+        steps = simulate_greedy_steps(tokens, 4, 8, 3, lambda n, s: 2, draft_model_length=lambda n, s, m=kept: m)
+        assert set(steps) == {expected}
+        assert len(steps) == -(-7 // (expected.accepted + 1))  # 7 tokens after the prefill's
+
+
+def test_confident_lengths_stop_at_the_first_unsure_head():
+    # probability[k, p]: head k's probability of its token at query p (anchor n = p - k - 1)
+    probability = torch.tensor([[0, 0.9, 0.9, 0.2, 0.9], [0, 0, 0.8, 0.1, 0.9], [0, 0, 0, 0.6, 0.6]])
+    length = confident_lengths(probability, 0.5)
+    assert [length(0, 3), length(1, 3), length(2, 3), length(0, 2), length(3, 3)] == [3, 1, 0, 2, 1]
+    assert confident_lengths(probability, 0.95)(0, 3) == 0
+
+
 def test_greedy_replay_counts_what_the_reference_decoder_counts(trained_pair):
     """Without the lookup, the replay of the draft's teacher-forced drafts is the reference decoder."""
     _, target, tokenizer, _, draft = trained_pair
@@ -94,9 +115,10 @@ def test_greedy_replay_counts_what_the_reference_decoder_counts(trained_pair):
     steps = []
     for prompt, continuation in zip(prompts, longer):
         tokens = prompt + continuation
-        steps += simulate_greedy_steps(
-            tokens, len(prompt), 24, 3, greedy_accepts(draft_top1(target, draft, tokens, len(prompt), 3), tokens)
-        )
+        top1, probability = draft_predictions(target, draft, tokens, len(prompt), 3)
+        assert torch.equal(top1, draft_top1(target, draft, tokens, len(prompt), 3))
+        assert torch.equal(top1 >= 0, probability > 0) and probability.max() <= 1
+        steps += simulate_greedy_steps(tokens, len(prompt), 24, 3, greedy_accepts(top1, tokens))
     assert len(steps) == stats.target_steps
     assert sum(s.accepted for s in steps) == stats.accepted_tokens > stats.target_steps  # the draft does work
     assert [sum(s.accepted > i for s in steps) for i in range(3)] == stats.accepted_by_position
