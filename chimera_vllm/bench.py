@@ -18,7 +18,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import INT8_QUANTIZATION
 from .prompt_lookup import DRAFT_TOKENS_KEY
 from .vllm_engine import (
     NGRAM_LOOKUP,
@@ -43,9 +42,7 @@ class Method:
 
     "chimera+ngram:K:D" is the Chimera draft with prompt lookup beside it: the lookup's
     drafts where it finds a match (up to K tokens), D tokens of the draft model elsewhere
-    ("chimera+ngram:K" for D = K). A Chimera method ending in "@int8" runs the draft with int8
-    weights on a CPU (vLLM quantization ``chimera_int8``, chimera_vllm/vllm_cpu_int8.py).
-    "hf" is an outside baseline, not a vLLM engine:
+    ("chimera+ngram:K" for D = K). "hf" is an outside baseline, not a vLLM engine:
     transformers' ``generate``, one request at a time (what a single-user CPU setup might
     run instead of vLLM).
     """
@@ -55,35 +52,26 @@ class Method:
     # vLLM's num_speculative_tokens_per_batch_size: (first, last batch size, K) ranges; k is their max
     schedule: tuple[tuple[int, int, int], ...] | None = None
     draft_k: int | None = None  # chimera+ngram: the draft model's tokens per step
-    int8: bool = False  # the Chimera draft's weights in int8 (CPU)
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        spelled, at, quantized = text.partition("@")
-        name, _, rest = spelled.partition(":")
+        name, _, rest = text.partition(":")
         k, _, draft_k = rest.partition(":")
         valid = (
             name in METHODS
             and (name in ("none", "hf")) == (k == "")
             and (draft_k == "" or name == HYBRID)
             and all(part.isdigit() for part in (k, draft_k) if part)
-            and (not at or (quantized == "int8" and name in ("chimera", HYBRID)))
         )
         if not valid:
-            raise ValueError(
-                f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K, "
-                "a Chimera one optionally ending in @int8"
-            )
-        return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None, int8=bool(at))
+            raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K")
+        return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
 
     @classmethod
-    def chimera(
-        cls, draft_tokens: int, lookup_tokens: int = 0, max_batch: int | None = None, int8: bool = False
-    ) -> Method:
+    def chimera(cls, draft_tokens: int, lookup_tokens: int = 0, max_batch: int | None = None) -> Method:
         """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0
         (the lookup drafts at least the draft model's share: K = max(L, D)); with max_batch, only
-        while at most that many requests run (vLLM's batch-size schedule, K = 0 above); int8: the
-        draft's weights in int8 (CPU)."""
+        while at most that many requests run (vLLM's batch-size schedule, K = 0 above)."""
         if lookup_tokens < 0:
             raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
         if max_batch is not None and max_batch < 1:
@@ -91,18 +79,16 @@ class Method:
         k = max(lookup_tokens, draft_tokens)
         schedule = None if max_batch is None else ((1, max_batch, k), (max_batch + 1, ANY_BATCH, 0))
         if lookup_tokens == 0:
-            return cls("chimera", k, schedule, int8=int8)
-        return cls(HYBRID, k, schedule, draft_tokens, int8)
+            return cls("chimera", k, schedule)
+        return cls(HYBRID, k, schedule, draft_tokens)
 
     def __str__(self) -> str:
         if self.name == HYBRID:
             text = f"{self.name}:{self.k}" + (f":{self.draft_k}" if self.draft_k is not None else "")
-            text = f"{text}:auto" if self.schedule else text
-        elif self.schedule:
-            text = f"{self.name}:auto"
-        else:
-            text = self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
-        return f"{text}@int8" if self.int8 else text
+            return f"{text}:auto" if self.schedule else text
+        if self.schedule:
+            return f"{self.name}:auto"
+        return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
         """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
@@ -120,8 +106,6 @@ class Method:
                 extra["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]
             if self.name == HYBRID:
                 extra.update(NGRAM_LOOKUP, **({DRAFT_TOKENS_KEY: self.draft_k} if self.draft_k else {}))
-            if self.int8:
-                extra["quantization"] = INT8_QUANTIZATION
             return chimera_spec(path, self.k, **extra)
         return None
 
@@ -132,8 +116,7 @@ def tuned_schedule(
     """vLLM's batch-size schedule from greedy measurements: at each measured batch size the K of the
     fastest Chimera row, or 0 where no-speculation was faster; each K covers the batch sizes from
     just above the previous measured size up to its own (the last one up to any size).
-    None when speculation lost everywhere. Chimera rows with int8 weights ("@int8") are not candidates:
-    the schedule runs the draft as it is.
+    None when speculation lost everywhere.
 
     hybrid (a chimera+ngram:K:D method): its own schedule, K where it beat no speculation and 0
     elsewhere (a smaller K would cap the lookup's drafts too: a method not measured)."""
@@ -143,7 +126,7 @@ def tuned_schedule(
         candidates = [
             r
             for r in rows
-            if (r.method == str(hybrid) if hybrid else r.method.startswith("chimera:") and "@" not in r.method)
+            if (r.method == str(hybrid) if hybrid else r.method.startswith("chimera:"))
             and (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
         ]
         best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)

@@ -323,14 +323,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-speculative-batch {args.max_speculative_batch} schedules a draft's speculation: give --draft"
         )
-    if args.draft_int8 and not args.draft:
-        raise ValueError("--draft-int8 quantizes a draft's weights: give --draft")
     if args.draft:
         from .bench import Method
         from .config import ChimeraConfig
 
         draft_tokens = args.num_speculative_tokens or ChimeraConfig.load(args.draft).num_heads
-        method = Method.chimera(draft_tokens, args.lookup_tokens, args.max_speculative_batch, args.draft_int8)
+        method = Method.chimera(draft_tokens, args.lookup_tokens, args.max_speculative_batch)
         spec = method.spec({"chimera": args.draft})
     cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
     sys.stdout.flush()
@@ -617,12 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="speculate only while at most this many requests run (vLLM's batch-size schedule; default: always); "
         "on a CPU, where verifying drafts for many requests costs more than it gains",
-    )
-    v.add_argument(
-        "--draft-int8",
-        action="store_true",
-        help="the draft's matmuls on int8 weights (CPU only; vLLM quantization chimera_int8): a draft step reads "
-        "a half (bf16) or a quarter (float32) of the bytes; outputs stay the target's",
     )
     v.set_defaults(func=cmd_serve)
     return parser

@@ -19,8 +19,6 @@ from transformers import LlamaConfig, PretrainedConfig
 CONFIG_NAME = "config.json"
 SPECULATORS_MODEL_TYPE = "chimera"
 DRAFT_ARCHITECTURE = "ChimeraDraftModel"
-INT8_QUANTIZATION = "chimera_int8"
-"""A speculative config's ``quantization`` for int8 Chimera draft weights on a CPU (vllm_cpu_int8.py)."""
 
 # model_type -> architecture name of the target families Chimera supports.
 SUPPORTED_TARGETS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -11,8 +11,6 @@ bf16, one core of this project's Xeon: a [1728, 1728] matmul 306 vs 93 µs, the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
@@ -35,20 +33,13 @@ class CpuLinear:
 class CpuDraftGemms:
     """The trigram MLP, the residual heads and the greedy LM head of a loaded draft, prepacked."""
 
-    def __init__(
-        self,
-        trigram: TrigramEncoder,
-        heads: ResidualHeads,
-        lm_head: torch.Tensor | None,
-        linear: Callable[..., Callable[[torch.Tensor], torch.Tensor]] = CpuLinear,
-    ):
-        """lm_head: the rows greedy drafting scores; None under tensor parallelism (vLLM's logits).
-        linear(weight, bias=None): the prepacked layer (CpuLinear, or vllm_cpu_int8.Int8CpuLinear)."""
+    def __init__(self, trigram: TrigramEncoder, heads: ResidualHeads, lm_head: torch.Tensor | None):
+        """lm_head: the rows greedy drafting scores; None under tensor parallelism (vLLM's logits)."""
         res = trigram.mlp[0] if isinstance(trigram.mlp[0], ResBlock) else None
-        self.w1 = None if res is None else linear(res.linear.weight, res.linear.bias)
-        self.w2 = linear(trigram.mlp[-1].weight)
-        self.heads = [linear(w, b) for w, b in zip(heads.weight, heads.bias)]
-        self.lm_head = None if lm_head is None else linear(lm_head)
+        self.w1 = None if res is None else CpuLinear(res.linear.weight, res.linear.bias)
+        self.w2 = CpuLinear(trigram.mlp[-1].weight)
+        self.heads = [CpuLinear(w, b) for w, b in zip(heads.weight, heads.bias)]
+        self.lm_head = None if lm_head is None else CpuLinear(lm_head)
 
     def trigram(self, rows: torch.Tensor) -> torch.Tensor:
         """[T, 3H] concatenated embeddings -> [T, H] (TrigramEncoder's MLP)."""

@@ -27,10 +27,8 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
-from vllm.model_executor.models.utils import get_draft_quant_config
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import _encode_layer_name
 
@@ -38,8 +36,7 @@ from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
 from .prompt_lookup import PromptLookup, draft_model_tokens
-from .vllm_cpu_gemm import CpuDraftGemms, CpuLinear
-from .vllm_cpu_int8 import ChimeraInt8Config, Int8CpuLinear
+from .vllm_cpu_gemm import CpuDraftGemms
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
 _STACKED = {
@@ -67,12 +64,9 @@ def chimera_config_of(hf_config) -> ChimeraConfig | None:
 
 
 class ChimeraEncoderLayer(nn.Module):
-    """The full-context encoder: one Llama decoder layer on vLLM's layers (shards under TP); quant_config:
-    the draft's own (``"quantization"`` in the speculative config), never the target's."""
+    """The full-context encoder: one Llama decoder layer on vLLM's layers (shards under TP)."""
 
-    def __init__(
-        self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str, quant_config: QuantizationConfig | None
-    ):
+    def __init__(self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         layer = config.layer_config()
         H = config.hidden_size
@@ -83,12 +77,11 @@ class ChimeraEncoderLayer(nn.Module):
             num_heads=layer.num_attention_heads,
             num_kv_heads=layer.num_key_value_heads,
             max_position_embeddings=layer.max_position_embeddings,
-            quant_config=quant_config,
             cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.self_attn",
         )
         self.post_attention_layernorm = RMSNorm(H, eps=layer.rms_norm_eps)
-        self.mlp = LlamaMLP(H, layer.intermediate_size, "silu", quant_config=quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = LlamaMLP(H, layer.intermediate_size, "silu", prefix=f"{prefix}.mlp")
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.self_attn
@@ -121,12 +114,10 @@ class ChimeraEncoderLayer(nn.Module):
 class _ChimeraModules(nn.Module):
     """The draft's own weights (named as in the checkpoint), plus the shared target embedding."""
 
-    def __init__(
-        self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str, quant_config: QuantizationConfig | None
-    ):
+    def __init__(self, config: ChimeraConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.trigram = TrigramEncoder(config.hidden_size, config.trigram_mlp)
-        self.encoder = ChimeraEncoderLayer(config, vllm_config, prefix, quant_config)
+        self.encoder = ChimeraEncoderLayer(config, vllm_config, prefix)
         self.heads = ResidualHeads(config.num_heads, config.hidden_size)
         size = config.draft_vocab_size
         self.register_buffer("draft_vocab", None if size is None else torch.zeros(size, dtype=torch.long))
@@ -150,10 +141,9 @@ class ChimeraDraftForVLLM(nn.Module):
         self.config = config
         self.tp_size = get_tensor_model_parallel_world_size()
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.quant_config = get_draft_quant_config(vllm_config)
         # Named like EAGLE's layer (model.layers.<first index after the target's>) so that vLLM
         # gives its attention a KV cache of its own.
-        self.model = _ChimeraModules(config, vllm_config, f"model.layers.{target_layers}", self.quant_config)
+        self.model = _ChimeraModules(config, vllm_config, f"model.layers.{target_layers}")
         self.lm_head: nn.Module | None = None  # the target's, set by vLLM's proposer
         self._draft_rows: torch.Tensor | None = None
         self._cpu: CpuDraftGemms | None = None
@@ -200,13 +190,12 @@ class ChimeraDraftForVLLM(nn.Module):
         return self.model.trigram.mlp(rows) if cpu is None else cpu.trigram(rows)
 
     def _cpu_gemms(self) -> CpuDraftGemms | None:
-        """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), or int8 ones
-        under ``chimera_int8`` (vllm_cpu_int8.py), prepacked on first use: weights and the shared LM
-        head are in place by the first forward."""
+        """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), prepacked
+        on first use: weights and the shared LM head are in place by the first forward."""
         if self._cpu is None and current_platform.is_cpu():
-            linear = Int8CpuLinear if isinstance(self.quant_config, ChimeraInt8Config) else CpuLinear
-            lm_head = self._greedy_rows() if self.tp_size == 1 else None
-            self._cpu = CpuDraftGemms(self.model.trigram, self.model.heads, lm_head, linear)
+            self._cpu = CpuDraftGemms(
+                self.model.trigram, self.model.heads, self._greedy_rows() if self.tp_size == 1 else None
+            )
         return self._cpu
 
     def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:

@@ -13,8 +13,7 @@ first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
    in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
    off when a Chimera draft is loaded, with a log line saying so;
 5. on CPU, a fix for vLLM-CPU's temperature expansion in speculative sampling
-   (:mod:`chimera_vllm.vllm_cpu_fix`), and the quantization method ``chimera_int8``
-   (:mod:`chimera_vllm.vllm_cpu_int8`: int8 draft weights), refused on other platforms.
+   (:mod:`chimera_vllm.vllm_cpu_fix`).
 """
 
 from __future__ import annotations
@@ -26,14 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import vllm_cpu_fix
-from .config import (
-    CONFIG_NAME,
-    DRAFT_ARCHITECTURE,
-    INT8_QUANTIZATION,
-    SPECULATORS_MODEL_TYPE,
-    ChimeraConfig,
-    ChimeraConfigError,
-)
+from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
 from .prompt_lookup import PromptLookup, draft_model_tokens
 
 logger = logging.getLogger(__name__)
@@ -60,10 +52,6 @@ def register() -> None:
     _install_proposer()
     _keep_v1_model_runner()
     vllm_cpu_fix.install()
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from . import vllm_cpu_int8  # noqa: F401  registers the quantization method
 
 
 def read_config_dict(model: str | None) -> dict[str, Any] | None:
@@ -171,7 +159,6 @@ def _route_chimera_drafts_to_eagle() -> None:
                         self.spec_tokens = k
                 if lookup is not None:
                     lookup.check(k)
-                _check_int8_platform(spec.get("quantization"))
                 _check_before_start(config, draft_model_tokens(lookup, k), target_model_config)
             speculative_config = original(self, target_model_config, target_parallel_config)
             if lookup is not None:
@@ -181,16 +168,6 @@ def _route_chimera_drafts_to_eagle() -> None:
         return create_speculative_config
 
     _patch_once(EngineArgs, "create_speculative_config", make)
-
-
-def _check_int8_platform(quantization: str | None) -> None:
-    from vllm.platforms import current_platform
-
-    if quantization == INT8_QUANTIZATION and not current_platform.is_cpu():
-        raise ChimeraConfigError(
-            f"quantization={INT8_QUANTIZATION!r} runs a Chimera draft's matmuls on vLLM's CPU int8 GEMMs; "
-            f"this platform is {current_platform.device_name!r}: leave it out of the speculative config"
-        )
 
 
 def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, target_model_config) -> None:

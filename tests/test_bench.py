@@ -14,19 +14,9 @@ def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") ->
 def test_methods_parse_and_print():
     assert str(Method.parse("chimera:3")) == "chimera:3" and Method.parse("hf") == Method("hf")
     assert str(Method("chimera", 3, ((1, 4, 3), (5, 9, 0)))) == "chimera:auto"
-    for bad in ("chimera", "none:2", "eagle:3", "hf:1", "ngram:3@int8", "chimera:2@fp8", "none@int8"):
+    for bad in ("chimera", "none:2", "eagle:3", "hf:1"):
         with pytest.raises(ValueError, match=bad):
             Method.parse(bad)
-
-
-def test_int8_draft_methods_parse_print_and_ask_vllm_for_the_quantization():
-    for text in ("chimera:2@int8", "chimera+ngram:4:3@int8"):
-        method = Method.parse(text)
-        assert method.int8 and str(method) == text
-        spec = method.spec({"chimera": "DRAFT"})
-        assert spec["quantization"] == "chimera_int8" and spec["model"] == "DRAFT"
-    assert "quantization" not in Method.parse("chimera:2").spec({"chimera": "DRAFT"})
-    assert str(Method("chimera+ngram", 4, ((1, 1, 4), (2, 9, 0)), 3, int8=True)) == "chimera+ngram:4:3:auto@int8"
 
 
 def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_speculation_loses():
@@ -40,7 +30,6 @@ def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_specul
         _row("none", 16, 90.0),
         _row("chimera:2", 16, 80.0),
         _row("chimera:3", 16, 70.0),
-        _row("chimera:3@int8", 16, 95.0),  # not the schedule's: it runs the draft unquantized
         _row("none", 1, 5.0, dtype="float32"),
         _row("chimera:2", 1, 4.0, dtype="float32"),
     ]

@@ -96,7 +96,6 @@ def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(ar
         (["--draft", "unused", "--num-speculative-tokens", "1", "--lookup-tokens", "-1"], "got -1"),
         (["--draft", "unused", "--num-speculative-tokens", "1", "--max-speculative-batch", "0"], "got 0"),
         (["--max-speculative-batch", "1"], "--max-speculative-batch 1 schedules a draft's speculation: give --draft"),
-        (["--draft-int8"], "--draft-int8 quantizes a draft's weights: give --draft"),
     ],
 )
 def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv, named, capsys):
@@ -127,7 +126,6 @@ def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv,
             ["--num-speculative-tokens", "2", "--max-speculative-batch", "1"],
             {"num_speculative_tokens": 2, "num_speculative_tokens_per_batch_size": [[1, 1, 2], [2, 1 << 20, 0]]},
         ),
-        (["--draft-int8"], {"num_speculative_tokens": 4, "quantization": "chimera_int8"}),
     ],
 )
 def test_serve_passes_the_drafts_speculative_config_to_vllms_server(argv, spec, monkeypatch):

@@ -207,24 +207,6 @@ def test_speculative_sampling_keeps_the_target_distribution(pair, chimera, train
     assert_samples_follow_the_target(chimera, trained_pair[1], grammar_prompts(pair[3], 1, seed=21)[0])
 
 
-def test_int8_draft_weights_are_lossless_and_keep_most_drafts(pair, baseline, trained_pair):
-    """quantization "chimera_int8" (int8 draft matmuls on a CPU): the target's outputs, and at least
-    80% of the tokens the reference decoder's unquantized draft gets accepted on the same prompts."""
-    _, target, tokenizer, _, draft = trained_pair
-    llm = make_engine(pair[0], pair[1], 4, spec_extra={"quantization": "chimera_int8"})
-    try:
-        mixed = mixed_prompts(tokenizer)
-        assert greedy(llm, mixed) == greedy(baseline, mixed)
-        prompts = grammar_prompts(tokenizer, 6, seed=3)
-        _, ref = SpeculativeDecoder(target, draft, 4).generate(prompts, 24)
-        before = SpecCounters.read(llm)
-        greedy(llm, prompts, 24, ignore_eos=True)
-        accepted = (SpecCounters.read(llm) - before).accepted_tokens
-        assert accepted >= 0.8 * ref.accepted_tokens > 0, (accepted, ref.accepted_tokens)
-    finally:
-        close_llm(llm)
-
-
 @pytest.mark.parametrize("k", [1, 2])
 def test_fewer_speculative_tokens_than_heads(pair, baseline, k):
     llm = make_engine(pair[0], pair[2], k)  # the randomised draft: rejections everywhere
