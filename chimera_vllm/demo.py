@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="the draft model's tokens per step; 1: on a CPU in float32 the draft's weights, read once per "
-        "draft token, cost more than a second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md)",
+        "draft token, cost more than a second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md; "
+        "with AVX-512 too: throughput-cpu-fp32-avx512-lookup-b4.md)",
     )
     p.add_argument(
         "--lookup-tokens",
