@@ -75,6 +75,9 @@ class SpecCounters:
 
     @classmethod
     def read(cls, llm) -> SpecCounters:
+        """The counters in the process's Prometheus registry. Every engine that starts unregisters the
+        vLLM metrics already there (vLLM's ``unregister_vllm_metrics``), so with several engines alive
+        this reads the most recently started one's counters, whichever llm it is given."""
         c = cls()
         for metric in llm.get_metrics():
             if metric.name == "vllm:spec_decode_num_drafts":
