@@ -30,6 +30,8 @@ COST = policy_bench.CostModel(target_ms=[10.0, 12.0, 15.0], draft_step_ms=2.0, o
 def test_cost_model_extends_the_last_increment():
     assert [COST.target(q) for q in (1, 2, 3, 4, 5)] == [10.0, 12.0, 15.0, 18.0, 21.0]
     assert COST.step(3, 2) == 1.0 + 15.0 + 2 * 2.0
+    fixed = policy_bench.CostModel([10.0], draft_step_ms=2.0, overhead_ms=1.0, draft_fixed_ms=3.0)
+    assert (fixed.step(1, 0), fixed.step(2, 2)) == (11.0, 1.0 + 10.0 + 3.0 + 2 * 2.0)  # paid only when drafting
 
 
 def test_a_policy_keeps_the_sure_prefix_and_pays_for_the_token_that_stopped_it():
