@@ -8,10 +8,10 @@ teacher-forced drafts replay any drafting policy exactly
 (``chimera_vllm.prompt_lookup.simulate_greedy_steps``, float32, the transformers reference):
 the Chimera draft alone at K tokens, vLLM's n-gram proposer alone at K, and prompt lookup
 first (up to K tokens) with the draft model's D tokens where it finds no match
-(``chimera+ngram:K:D``); with ``--min-probabilities``, also each Chimera policy whose draft model
-stops at its first token below that probability (``...@c``). Each policy's steps are priced by the cost model of
-benchmarks/draft_confidence_policy.py (default: batch 1, float32, the AVX2 profile); the
-lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera-vllm bench
+(``chimera+ngram:K:D``); with ``--min-probabilities``, also each Chimera policy whose draft
+model stops at its first token below that probability (``...@c``). Each policy's steps are
+priced by the cost model of benchmarks/draft_confidence_policy.py (default: batch 1, float32,
+the AVX2 profile); the lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera-vllm bench
 --methods chimera+ngram:K:D` measures one. Prints a table; writes OUT.json and OUT.md.
 """
 
@@ -92,8 +92,9 @@ def main() -> None:
         default=[],
         help="also price each Chimera policy with its draft model stopping at the first token below each",
     )
-    parser.add_argument("--prompt-lookup-min", type=int, default=NGRAM_LOOKUP["prompt_lookup_min"])
-    parser.add_argument("--prompt-lookup-max", type=int, default=NGRAM_LOOKUP["prompt_lookup_max"])
+    lookup_help = "the lookup's shortest/longest match (vLLM's n-gram settings; default: its own)"
+    parser.add_argument("--prompt-lookup-min", type=int, default=NGRAM_LOOKUP["prompt_lookup_min"], help=lookup_help)
+    parser.add_argument("--prompt-lookup-max", type=int, default=NGRAM_LOOKUP["prompt_lookup_max"], help=lookup_help)
     args = parser.parse_args()
     target, tokenizer, draft, prompts, cost = load_inputs(args)
     heads = draft.config.num_heads
