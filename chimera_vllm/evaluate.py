@@ -147,16 +147,9 @@ def draft_predictions(
     return top1, probability
 
 
-def draft_top1(
-    target: PreTrainedModel, draft: ChimeraDraft, tokens: list[int], prompt_len: int, num_steps: int
-) -> torch.Tensor:
-    """The top1 table of :func:`draft_predictions`."""
-    return draft_predictions(target, draft, tokens, prompt_len, num_steps)[0]
-
-
 def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int], int]:
     """accepts(n, s): how many of the s tokens the draft drafts at anchor n greedy decoding keeps
-    (its drafts from :func:`draft_top1`'s table, matched against tokens)."""
+    (its drafts from :func:`draft_predictions`' top1 table, matched against tokens)."""
     table = top1.tolist()
 
     def accepts(n: int, s: int) -> int:

@@ -9,7 +9,7 @@ import torch
 from chimera_vllm.bench import Method
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import confident_lengths, draft_predictions, draft_top1, greedy_accepts
+from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
 from chimera_vllm.prompt_lookup import (
     DRAFT_TOKENS_KEY,
     PromptLookup,
@@ -116,7 +116,6 @@ def test_greedy_replay_counts_what_the_reference_decoder_counts(trained_pair):
     for prompt, continuation in zip(prompts, longer):
         tokens = prompt + continuation
         top1, probability = draft_predictions(target, draft, tokens, len(prompt), 3)
-        assert torch.equal(top1, draft_top1(target, draft, tokens, len(prompt), 3))
         assert torch.equal(top1 >= 0, probability > 0) and probability.max() <= 1
         steps += simulate_greedy_steps(tokens, len(prompt), 24, 3, greedy_accepts(top1, tokens))
     assert len(steps) == stats.target_steps

@@ -18,7 +18,7 @@ from chimera_vllm import cli
 from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import draft_top1, greedy_accepts
+from chimera_vllm.evaluate import draft_predictions, greedy_accepts
 from chimera_vllm.model import ChimeraDraft
 from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, simulate_greedy_steps
 from chimera_vllm.target import load_target
@@ -448,7 +448,7 @@ def test_prompt_lookup_beside_the_draft_is_lossless_and_drafts_as_the_replay(
     steps = []
     for prompt, continuation in zip(prompts, longer):
         tokens = prompt + continuation
-        accepts = greedy_accepts(draft_top1(target, draft, tokens, len(prompt), 2), tokens)
+        accepts = greedy_accepts(draft_predictions(target, draft, tokens, len(prompt), 2)[0], tokens)
         steps += simulate_greedy_steps(tokens, len(prompt), 24, 5, accepts, lookup)
     assert (got.drafts, got.draft_tokens, got.accepted_tokens) == (
         len(steps),
