@@ -1,4 +1,5 @@
-"""Would drafting from the request's own text beside the Chimera draft pay? An estimate.
+"""Which drafting policy pays: prompt lookup beside the Chimera draft, fewer draft tokens where
+the draft is unsure? An estimate.
 
     python benchmarks/prompt_lookup_policy.py [--num-prompts 80] [--out OUT]
 
@@ -9,10 +10,12 @@ teacher-forced drafts replay any drafting policy exactly
 the Chimera draft alone at K tokens, vLLM's n-gram proposer alone at K, and prompt lookup
 first (up to K tokens) with the draft model's D tokens where it finds no match
 (``chimera+ngram:K:D``); with ``--min-probabilities``, also each Chimera policy whose draft
-model stops at its first token below that probability (``...@c``). Each policy's steps are
-priced by the cost model of benchmarks/draft_confidence_policy.py (default: batch 1, float32,
-the AVX2 profile); the lookup itself is taken as free. An estimate, not a measurement in vLLM: `chimera-vllm bench
---methods chimera+ngram:K:D` measures one. Prints a table; writes OUT.json and OUT.md.
+model stops at its first token below that probability (``...@c``; ``...@c keep m`` with
+``--keep-at-least m``: its first m tokens whatever their probability). Each policy's steps are
+priced by a cost model of one engine step (default: batch 1, float32, the AVX2 profile in
+benchmarks/results/profile-step-fp32-batch1-avx2.md); the lookup itself is taken as free. An
+estimate, not a measurement in vLLM: `chimera-vllm bench --methods chimera+ngram:K:D` measures
+one. Prints a table; writes OUT.json and OUT.md.
 """
 
 import argparse
@@ -20,15 +23,33 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-
-# its neighbour: run as a script, its own folder is sys.path[0]
-from draft_confidence_policy import CostModel, add_common_arguments, load_inputs
 from tqdm.auto import tqdm
 
 from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
 from chimera_vllm.prompts import read_prompts
+from chimera_vllm.vllm_engine import NGRAM_LOOKUP
+
+
+@dataclass
+class CostModel:
+    target_ms: list[float]  # a target forward with 1, 2, ... query tokens (the last increment extends it)
+    draft_step_ms: float
+    overhead_ms: float  # the rest of an engine step: scheduler, sampler, input preparation
+    draft_fixed_ms: float = 0.0  # a proposal's cost beside its draft steps (context writes, metadata)
+
+    def target(self, query_tokens: int) -> float:
+        known = len(self.target_ms)
+        if query_tokens <= known:
+            return self.target_ms[query_tokens - 1]
+        step = self.target_ms[-1] - self.target_ms[-2] if known > 1 else 0.0
+        return self.target_ms[-1] + step * (query_tokens - known)
+
+    def step(self, query_tokens: int, draft_steps: int) -> float:
+        draft = self.draft_fixed_ms + self.draft_step_ms * draft_steps if draft_steps else 0.0
+        return self.overhead_ms + self.target(query_tokens) + draft
 
 
 @dataclass
@@ -49,14 +70,31 @@ def price(method: str, steps: list[SimulatedStep], cost: CostModel) -> Estimate:
     return Estimate(method, tau, looked_up, sum(s.draft_model_steps for s in steps) / n, ms, tau / ms * cost.step(1, 0))
 
 
-def policies(max_k: int, heads: int, min_probabilities: list[float]) -> list[tuple[str, int, bool, int | None, float]]:
-    """(method, K, lookup on, draft-model tokens or None for no draft model, its minimum probability)."""
-    chimera = [(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
+class Plan(NamedTuple):
+    method: str
+    k: int  # tokens drafted per step, at most
+    lookup: bool
+    draft_tokens: int | None  # the draft model's tokens per step; None: no draft model
+    min_probability: float = 0.0  # the draft model stops at its first token below it
+    min_tokens: int = 0  # ... keeping its first min_tokens whatever their probability
+
+
+def policies(max_k: int, heads: int, min_probabilities: list[float], keep_at_least: list[int]) -> list[Plan]:
+    """vLLM's n-gram alone, the Chimera draft alone and beside the lookup, and each Chimera policy
+    with every (minimum probability, tokens kept whatever their probability) where the two differ
+    from its fixed share."""
+    chimera = [Plan(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
     for k in range(1, max_k + 1):
-        chimera += [(f"chimera+ngram:{k}:{d}", k, True, d) for d in range(1, min(k, heads) + 1)]
-    out = [(f"ngram:{k}", k, True, None, 0.0) for k in (1, 2, 4, max_k)]
-    out += [(*plan, 0.0) for plan in chimera]
-    out += [(f"{plan[0]}@{c:g}", *plan[1:], c) for c in min_probabilities for plan in chimera]
+        chimera += [Plan(f"chimera+ngram:{k}:{d}", k, True, d) for d in range(1, min(k, heads) + 1)]
+    out = [Plan(f"ngram:{k}", k, True, None) for k in (1, 2, 4, max_k)] + chimera
+    for c in min_probabilities:
+        for m in keep_at_least:
+            suffix = f"@{c:g}" + (f" keep {m}" if m else "")
+            out += [
+                p._replace(method=p.method + suffix, min_probability=c, min_tokens=m)
+                for p in chimera
+                if m < p.draft_tokens
+            ]
     return out
 
 
@@ -76,14 +114,12 @@ def category_table(steps: dict[str, dict[str, list[SimulatedStep]]], cost: CostM
     return header, rows
 
 
-def main() -> None:
-    from chimera_vllm.bench import markdown, run_info, write_result_files
-    from chimera_vllm.decoding import SpeculativeDecoder
-    from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
-    from chimera_vllm.vllm_engine import NGRAM_LOOKUP
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--draft", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-k", type=int, default=6, help="the most tokens a policy drafts per step")
     parser.add_argument(
         "--min-probabilities",
@@ -92,11 +128,43 @@ def main() -> None:
         default=[],
         help="also price each Chimera policy with its draft model stopping at the first token below each",
     )
+    parser.add_argument(
+        "--keep-at-least",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="with --min-probabilities: the draft model's first tokens kept whatever their probability (each)",
+    )
     lookup_help = "the lookup's shortest/longest match (vLLM's n-gram settings; default: its own)"
     parser.add_argument("--prompt-lookup-min", type=int, default=NGRAM_LOOKUP["prompt_lookup_min"], help=lookup_help)
     parser.add_argument("--prompt-lookup-max", type=int, default=NGRAM_LOOKUP["prompt_lookup_max"], help=lookup_help)
+    cost = parser.add_argument_group("the cost model of one engine step, in ms (default: batch 1, float32, AVX2)")
+    cost.add_argument("--target-ms", type=float, nargs="+", default=[65.2, 69.6, 78.0], help="1, 2, ... query tokens")
+    cost.add_argument("--draft-step-ms", type=float, default=9.5)
+    cost.add_argument("--overhead-ms", type=float, default=11.0, help="scheduler, sampler, input preparation")
+    cost.add_argument("--draft-fixed-ms", type=float, default=0.0, help="a proposal's cost beside its draft steps")
+    parser.add_argument("--out", default=None)
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from chimera_vllm.bench import markdown, run_info, write_result_files
+    from chimera_vllm.decoding import SpeculativeDecoder
+    from chimera_vllm.drafts import resolve_draft
+    from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
+    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.prompts import encode_prompts
+    from chimera_vllm.target import load_target
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     args = parser.parse_args()
-    target, tokenizer, draft, prompts, cost = load_inputs(args)
+    target = load_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
+    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    cost = CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms, args.draft_fixed_ms)
     heads = draft.config.num_heads
     eos = {tokenizer.eos_token_id}
     continuations = []
@@ -104,25 +172,27 @@ def main() -> None:
         batch = prompts[start : start + 16]
         continuations += SpeculativeDecoder(target).generate(batch, args.max_new_tokens + args.max_k, eos)[0]
     lookup = PromptLookup(args.prompt_lookup_min, args.prompt_lookup_max)
-    plans = policies(args.max_k, heads, args.min_probabilities)
+    plans = policies(args.max_k, heads, args.min_probabilities, args.keep_at_least)
     categories = [p.category or "(no category)" for p in read_prompts(args.prompts)]
-    steps: dict[str, list[SimulatedStep]] = {method: [] for method, *_ in plans}
+    steps: dict[str, list[SimulatedStep]] = {plan.method: [] for plan in plans}
     by_category: dict[str, dict[str, list[SimulatedStep]]] = {m: defaultdict(list) for m in BY_CATEGORY}
     for i, (prompt, continuation) in enumerate(tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt")):
         tokens = prompt + continuation
         top1, probability = draft_predictions(target, draft, tokens, len(prompt), heads)
         accepts = greedy_accepts(top1, tokens)
-        for method, k, lookup_on, d, c in plans:
-            policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, d) if lookup_on else None
-            model = None if d is None else accepts
-            length = confident_lengths(probability, c) if c else None
-            replayed = simulate_greedy_steps(
-                tokens, len(prompt), args.max_new_tokens, k, model, policy_lookup, draft_model_length=length
+        for plan in plans:
+            policy_lookup = PromptLookup(lookup.min_n, lookup.max_n, plan.draft_tokens) if plan.lookup else None
+            model = None if plan.draft_tokens is None else accepts
+            length = (
+                confident_lengths(probability, plan.min_probability, plan.min_tokens) if plan.min_probability else None
             )
-            steps[method] += replayed
-            if method in by_category:
-                by_category[method][categories[i]] += replayed
-    estimates = [price(method, steps[method], cost) for method, *_ in plans]
+            replayed = simulate_greedy_steps(
+                tokens, len(prompt), args.max_new_tokens, plan.k, model, policy_lookup, draft_model_length=length
+            )
+            steps[plan.method] += replayed
+            if plan.method in by_category:
+                by_category[plan.method][categories[i]] += replayed
+    estimates = [price(plan.method, steps[plan.method], cost) for plan in plans]
     header = ["method", "τ", "lookup drafted", "draft-model steps", "est. ms/step", "est. speedup"]
     rows = [
         [e.method, f"{e.tau:.2f}", f"{e.lookup_share:.2f}", f"{e.draft_steps:.2f}", f"{e.ms_per_step:.1f}"]

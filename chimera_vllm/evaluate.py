@@ -161,13 +161,16 @@ def greedy_accepts(top1: torch.Tensor, tokens: list[int]) -> Callable[[int, int]
     return accepts
 
 
-def confident_lengths(probability: torch.Tensor, min_probability: float) -> Callable[[int, int], int]:
+def confident_lengths(
+    probability: torch.Tensor, min_probability: float, min_tokens: int = 0
+) -> Callable[[int, int], int]:
     """length(n, s): how many of the s tokens the draft drafts at anchor n it keeps when it stops at the
-    first whose probability (:func:`draft_predictions`' table) is below min_probability."""
+    first whose probability (:func:`draft_predictions`' table) is below min_probability, keeping its
+    first min_tokens whatever their probability."""
     table = probability.tolist()
 
     def length(n: int, s: int) -> int:
-        kept = 0
+        kept = min(min_tokens, s)
         while kept < s and n + kept + 1 < len(table[0]) and table[kept][n + kept + 1] >= min_probability:
             kept += 1
         return kept

@@ -103,6 +103,10 @@ def test_confident_lengths_stop_at_the_first_unsure_head():
     length = confident_lengths(probability, 0.5)
     assert [length(0, 3), length(1, 3), length(2, 3), length(0, 2), length(3, 3)] == [3, 1, 0, 2, 1]
     assert confident_lengths(probability, 0.95)(0, 3) == 0
+    # keeping the first token whatever its probability, then stopping at the next unsure one
+    keep_first = confident_lengths(probability, 0.5, min_tokens=1)
+    assert [keep_first(0, 3), keep_first(1, 3), keep_first(2, 3), keep_first(2, 1)] == [3, 1, 2, 1]
+    assert confident_lengths(probability, 0.95, min_tokens=2)(0, 3) == 2
 
 
 def test_greedy_replay_counts_what_the_reference_decoder_counts(trained_pair):
