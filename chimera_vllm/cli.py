@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-vocab-size",
         type=int,
         default=None,
-        help="draft (and train the heads) over the data's N most frequent response tokens only",
+        help="draft (and train the heads) over the data's N most frequent response tokens only; without it an "
+        "--init-draft keeps its own draft vocabulary",
     )
     t.add_argument(
         "--hidden-cache",

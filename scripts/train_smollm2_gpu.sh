@@ -12,7 +12,8 @@
 # GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
 # target-written requests, e.g. data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
-# INIT_DRAFT, HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
+# INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
+# HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
 # TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON.
 # Drafts that share RUN share its data: several can train at once.
 set -euo pipefail
@@ -34,6 +35,7 @@ STEPS=${STEPS:-2000}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 INIT_DRAFT=${INIT_DRAFT:-}
+DRAFT_VOCAB_SIZE=${DRAFT_VOCAB_SIZE-$([ -n "$INIT_DRAFT" ] || echo 8192)}
 HEAD_TYPE=${HEAD_TYPE:-residual}
 read -ra TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
@@ -95,8 +97,9 @@ echo "$(wc -l < "$RUN/data.jsonl") training sequences"
 
 stage "train ($STEPS steps of batch $BATCH)"
 cli train --target $TARGET --data "$RUN/data.jsonl" --out "$DRAFT" ${INIT_DRAFT:+--init-draft "$INIT_DRAFT"} \
-    --head-type "$HEAD_TYPE" --labels target --draft-vocab-size 8192 --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
-    --warmup-steps 50 --save-every 100 --log-every 20 --dtype bfloat16 ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+    --head-type "$HEAD_TYPE" --labels target ${DRAFT_VOCAB_SIZE:+--draft-vocab-size "$DRAFT_VOCAB_SIZE"} \
+    --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup-steps 50 --save-every 100 --log-every 20 \
+    --dtype bfloat16 ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 
 stage "evaluate on MT-bench turn 1 (K = 4, float32)"
 if [ ! -s "$DRAFT/eval.json" ]; then

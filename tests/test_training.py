@@ -279,6 +279,24 @@ def test_draft_vocabulary_loss_is_cross_entropy_over_its_tokens(llama_target, ll
     assert metrics["ce_0"] == pytest.approx(loss.item())
 
 
+def test_a_continued_draft_keeps_its_vocabulary_unless_asked_and_sizes_are_checked(
+    capsys, llama_dir, small_data, tmp_path
+):
+    first = train(_args(llama_dir, small_data, tmp_path / "first", steps=1, draft_vocab_size=30))
+    vocab = load_file(first / "model.safetensors")["draft_vocab"]
+    kept = train(_args(llama_dir, small_data, tmp_path / "kept", steps=1, init_draft=str(first)))
+    assert torch.equal(load_file(kept / "model.safetensors")["draft_vocab"], vocab)
+    counts = torch.bincount(torch.tensor([t for s in read_sequences(small_data) for t in s.input_ids[3:]]))
+    share = float(counts[vocab].sum() / counts.sum())
+    assert f"draft vocabulary (--init-draft's): 30 tokens cover {share:.1%} of the responses" in capsys.readouterr().out
+    other = tmp_path / "other.jsonl"  # other answers: the vocabulary asked for is the new data's
+    write_sequences(other, [Sequence([9, 9, 9] + list(range(60, 80)) * 2, 3)])
+    again = train(_args(llama_dir, other, tmp_path / "again", steps=1, init_draft=str(first), draft_vocab_size=20))
+    assert load_file(again / "model.safetensors")["draft_vocab"].tolist() == list(range(60, 80))
+    with pytest.raises(ValueError, match=r"a draft vocabulary of 21 tokens: .* hold only 20 distinct tokens"):
+        train(_args(llama_dir, other, tmp_path / "too_many", steps=1, draft_vocab_size=21))
+
+
 def test_hidden_cache_trains_like_the_live_target_and_is_reused(llama_dir, small_data, tmp_path):
     """--hidden-cache gives the weights of a run that calls the target every step; a second run reuses
     the file, and a changed data file rebuilds it. --draft-vocab-size picks the data's top tokens."""

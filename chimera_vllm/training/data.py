@@ -61,15 +61,32 @@ def read_sequences(path: str | Path, vocab_size: int | None = None, max_length: 
     return sequences
 
 
+def response_token_counts(paths: list[str], vocab_size: int) -> Tensor:
+    """How often each token of the vocabulary occurs in the responses (after prompt_length) of the data files."""
+    responses = [seq.input_ids[seq.prompt_length :] for path in paths for seq in read_sequences(path, vocab_size)]
+    return torch.bincount(torch.tensor([t for r in responses for t in r], dtype=torch.long), minlength=vocab_size)
+
+
 def frequent_response_tokens(paths: list[str], vocab_size: int, size: int) -> tuple[Tensor, float]:
-    """The size most frequent tokens of the responses (after prompt_length) in the data files,
-    and the share of all response tokens they cover."""
+    """The size most frequent tokens of the responses in the data files, and the share of all
+    response tokens they cover."""
     if not 0 < size <= vocab_size:
         raise ValueError(f"--size must be in 1..{vocab_size} (the target's vocabulary), got {size}")
-    responses = [seq.input_ids[seq.prompt_length :] for path in paths for seq in read_sequences(path, vocab_size)]
-    counts = torch.bincount(torch.tensor([t for r in responses for t in r], dtype=torch.long), minlength=vocab_size)
+    counts = response_token_counts(paths, vocab_size)
+    seen = int((counts > 0).sum())
+    if size > seen:  # the rest would be arbitrary tokens the data never uses
+        raise ValueError(
+            f"a draft vocabulary of {size} tokens: the responses in {', '.join(map(str, paths))} hold only {seen} "
+            f"distinct tokens; ask for at most {seen}, or use more data"
+        )
     top = counts.topk(size)
     return top.indices, float(top.values.sum() / counts.sum().clamp(min=1))
+
+
+def response_coverage(paths: list[str], vocab_size: int, token_ids: Tensor) -> float:
+    """The share of the response tokens in the data files that are among token_ids (a draft vocabulary)."""
+    counts = response_token_counts(paths, vocab_size)
+    return float(counts[token_ids.cpu()].sum() / counts.sum().clamp(min=1))
 
 
 def write_sequences(path: str | Path, sequences: list[Sequence]) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import init_draft
 from ..model import ChimeraDraft, TargetParts
 from ..target import final_hidden, load_target
-from .data import batch_indices, collate, frequent_response_tokens, read_sequences
+from .data import batch_indices, collate, frequent_response_tokens, read_sequences, response_coverage
 from .hidden_cache import HiddenCache, cache_key, open_hidden_cache
 from .objective import ChimeraObjective, GreedyLabels, LossWeights
 
@@ -200,6 +200,10 @@ def train(args: TrainArgs) -> Path:
             draft.set_draft_vocab(ids)
             if rank == 0:
                 print(f"draft vocabulary: {args.draft_vocab_size} tokens cover {coverage:.1%} of the responses")
+        elif draft.draft_vocab is not None and rank == 0:
+            coverage = response_coverage([args.data], target.config.vocab_size, draft.draft_vocab)
+            size = len(draft.draft_vocab)
+            print(f"draft vocabulary (--init-draft's): {size} tokens cover {coverage:.1%} of the responses")
     # float32 master weights; with a bf16/fp16 target the forward runs under autocast.
     draft = draft.to(device=device, dtype=torch.float32).train()
     autocast = torch.autocast(torch.device(device).type, dtype=target.dtype, enabled=target.dtype != torch.float32)
