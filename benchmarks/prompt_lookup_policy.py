@@ -86,7 +86,7 @@ def policies(max_k: int, heads: int, min_probabilities: list[float], keep_at_lea
     chimera = [Plan(f"chimera:{k}", k, False, k) for k in range(1, heads + 1)]
     for k in range(1, max_k + 1):
         chimera += [Plan(f"chimera+ngram:{k}:{d}", k, True, d) for d in range(1, min(k, heads) + 1)]
-    out = [Plan(f"ngram:{k}", k, True, None) for k in (1, 2, 4, max_k)] + chimera
+    out = [Plan(f"ngram:{k}", k, True, None) for k in sorted({1, 2, 4, max_k})] + chimera
     for c in min_probabilities:
         for m in keep_at_least:
             suffix = f"@{c:g}" + (f" keep {m}" if m else "")

