@@ -429,17 +429,19 @@ def cpu_description(cpuinfo: str | None = None) -> str:
 
 
 def run_info(command: str) -> dict:
-    """When, where and with what a benchmark ran: the header of every report."""
+    """When, where and with what a benchmark ran: the header of every report. The command carries
+    the vLLM CPU backend's settings in effect (VLLM_CPU_*: threads, cores, KV cache), which set its speed."""
     import torch
     import vllm
 
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "vllm": vllm.__version__,
         "torch": torch.__version__,
-        "command": command,
+        "command": " ".join([*settings, command]),
     }
 
 

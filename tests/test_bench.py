@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from chimera_vllm.bench import Method, Row, add_ratios, cpu_description, identity, tuned_schedule
@@ -89,3 +91,15 @@ def test_cpu_description_names_the_model_and_the_instruction_sets_that_decide_bf
     xeon = "model name : Xeon\nflags : avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
     assert cpu_description(xeon) == "Xeon, avx2 avx512f avx512_bf16 amx_bf16"
     assert cpu_description("model name : Old\nflags : sse2\n") == "Old, none of avx2/avx512f/avx512_bf16/amx_bf16"
+
+
+def test_a_reports_command_carries_the_vllm_cpu_settings_it_ran_under(monkeypatch):
+    from chimera_vllm.bench import run_info
+
+    for name in [k for k in os.environ if k.startswith("VLLM_CPU_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # not a setting of the CPU backend's speed
+    assert (
+        run_info("chimera-vllm bench --out X")["command"] == "VLLM_CPU_NUM_OF_RESERVED_CPU=0 chimera-vllm bench --out X"
+    )
