@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
-from chimera_vllm.prompts import read_prompts
+from chimera_vllm.prompts import encode, read_prompts
 from chimera_vllm.vllm_engine import NGRAM_LOOKUP
 
 
@@ -152,9 +152,8 @@ def main() -> None:
     from chimera_vllm.bench import markdown, run_info, write_result_files
     from chimera_vllm.decoding import SpeculativeDecoder
     from chimera_vllm.drafts import resolve_draft
-    from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
+    from chimera_vllm.evaluate import UNCATEGORISED, confident_lengths, draft_predictions, greedy_accepts
     from chimera_vllm.model import ChimeraDraft
-    from chimera_vllm.prompts import encode_prompts
     from chimera_vllm.target import load_target
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,7 +162,8 @@ def main() -> None:
     target = load_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = ChimeraDraft.from_pretrained(resolve_draft(args.draft), target.config).float().eval()
-    prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
+    records = read_prompts(args.prompts)[: args.num_prompts]
+    prompts = [encode(tokenizer, r) for r in records]
     cost = CostModel(args.target_ms, args.draft_step_ms, args.overhead_ms, args.draft_fixed_ms)
     heads = draft.config.num_heads
     eos = {tokenizer.eos_token_id}
@@ -173,7 +173,7 @@ def main() -> None:
         continuations += SpeculativeDecoder(target).generate(batch, args.max_new_tokens + args.max_k, eos)[0]
     lookup = PromptLookup(args.prompt_lookup_min, args.prompt_lookup_max)
     plans = policies(args.max_k, heads, args.min_probabilities, args.keep_at_least)
-    categories = [p.category or "(no category)" for p in read_prompts(args.prompts)]
+    categories = [r.category or UNCATEGORISED for r in records]
     steps: dict[str, list[SimulatedStep]] = {plan.method: [] for plan in plans}
     by_category: dict[str, dict[str, list[SimulatedStep]]] = {m: defaultdict(list) for m in BY_CATEGORY}
     for i, (prompt, continuation) in enumerate(tqdm(list(zip(prompts, continuations)), desc="replay", unit="prompt")):

@@ -152,10 +152,13 @@ def fetch_target(
     snapshot = snapshot_dir(target, cache_dir)
     if (snapshot / "model.safetensors").is_file() and (snapshot / "tokenizer.json").is_file():
         return snapshot
-    paths = [Path(p) for p in gguf_files] if gguf_files else locate_pieces(target, install)
-    for path in paths:
-        if not path.is_file():
-            raise FetchError(f"no GGUF file at {path}")
+    if gguf_files:
+        paths = [Path(p) for p in gguf_files]
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise FetchError(f"no GGUF file at {missing}")
+    else:
+        paths = locate_pieces(target, install)  # each piece checked as it is located
     actual = _sha256(paths)
     if actual != target.sha256:
         what = str(paths[0]) if len(paths) == 1 else f"{target.gguf} joined from {', '.join(map(str, paths))}"
