@@ -7,15 +7,61 @@ heads and draft-vocabulary LM head are Chimera's own parameters; run through ``F
 they cost 2-4x more per one-token step than through the same dispatch (SmolLM2-135M shapes,
 bf16, one core of this project's Xeon: a [1728, 1728] matmul 306 vs 93 µs, the
 [8192, 576] draft LM head 445 vs 133 µs). The CUDA path keeps the fused Triton kernels.
+
+vLLM's dispatch takes its small-GEMM kernel (``weight_packed_linear``) only on CPUs with AMX
+and only for weights under 1 MiB. On an AVX512-BF16 CPU without AMX that kernel beats oneDNN
+for a few rows at every draft shape (benchmarks/results/cpu-gemm-avx512-cold.md, -warm.md), so there the
+draft's matmuls, its encoder layer's included, take it for decode-sized batches.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from vllm._custom_ops import weight_packed_linear_cpu
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
 from .model import ResBlock, ResidualHeads, TrigramEncoder
+
+SMALL_GEMM_MAX_ROWS = 8
+"""Up to this many rows (one per request in a draft step) the small-GEMM kernel is the faster one."""
+
+
+def small_gemm_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] packed for vLLM's small-GEMM kernel where that kernel beats vLLM's own choice for
+    a few rows (bf16 on an AVX512-BF16 CPU without AMX, N a multiple of 16, K of 32), else None."""
+    n, k = weight.shape
+    faster = (
+        weight.dtype == torch.bfloat16
+        and torch.cpu._is_avx512_bf16_supported()
+        and not torch.cpu._is_amx_tile_supported()
+        and n % 16 == 0
+        and k % 32 == 0
+    )
+    return torch.ops._C.convert_weight_packed(weight) if faster else None
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def route_small_batches(layer: Any, weight: torch.Tensor) -> None:
+    """Send a vLLM linear layer's calls of up to SMALL_GEMM_MAX_ROWS rows to the small-GEMM kernel
+    where it is faster (small_gemm_weight); weight: the layer's weight as loaded, which vLLM's CPU
+    dispatch has since replaced on the layer by its prepacked copy."""
+    packed = small_gemm_weight(weight)
+    if packed is None:
+        return
+    n, dispatched = weight.shape[0], layer.cpu_linear
+
+    def cpu_linear(x: torch.Tensor, layer_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _rows(x) <= SMALL_GEMM_MAX_ROWS:
+            return weight_packed_linear_cpu(x, packed, n, None if bias is None else bias.float())
+        return dispatched(x, layer_weight, bias)
+
+    layer.cpu_linear = cpu_linear
 
 
 class CpuLinear:
@@ -25,6 +71,7 @@ class CpuLinear:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear
+        route_small_batches(self, self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpu_linear(x, self.weight, self.bias)

@@ -36,7 +36,7 @@ from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
 from .prompt_lookup import PromptLookup, draft_model_tokens
-from .vllm_cpu_gemm import CpuDraftGemms
+from .vllm_cpu_gemm import CpuDraftGemms, route_small_batches
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
 _STACKED = {
@@ -82,6 +82,9 @@ class ChimeraEncoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(H, eps=layer.rms_norm_eps)
         self.mlp = LlamaMLP(H, layer.intermediate_size, "silu", prefix=f"{prefix}.mlp")
+
+    def linear_layers(self) -> tuple[nn.Module, ...]:
+        return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.self_attn
@@ -147,6 +150,7 @@ class ChimeraDraftForVLLM(nn.Module):
         self.lm_head: nn.Module | None = None  # the target's, set by vLLM's proposer
         self._draft_rows: torch.Tensor | None = None
         self._cpu: CpuDraftGemms | None = None
+        self._loaded_encoder_weights: list[torch.Tensor] = []
         self.logits_processor = LogitsProcessor(config.vocab_size)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("trigram_context", torch.zeros(max_tokens, 2, dtype=torch.long), persistent=False)
@@ -196,6 +200,9 @@ class ChimeraDraftForVLLM(nn.Module):
             self._cpu = CpuDraftGemms(
                 self.model.trigram, self.model.heads, self._greedy_rows() if self.tp_size == 1 else None
             )
+            for layer, weight in zip(self.model.encoder.linear_layers(), self._loaded_encoder_weights):
+                route_small_batches(layer, weight)
+            self._loaded_encoder_weights = []
         return self._cpu
 
     def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:
@@ -242,6 +249,8 @@ class ChimeraDraftForVLLM(nn.Module):
             else:
                 loader(param, tensor, shard)
             loaded.add(name)
+        if current_platform.is_cpu():  # kept past vLLM's CPU prepacking, for route_small_batches
+            self._loaded_encoder_weights = [layer.weight.detach() for layer in self.model.encoder.linear_layers()]
         return loaded
 
 

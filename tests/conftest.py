@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 # Kernel tests run Triton's interpreter on CPU; it must be chosen before any kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,6 +16,16 @@ from chimera_vllm.checkpoint import init_draft  # noqa: E402
 from chimera_vllm.model import ChimeraDraft  # noqa: E402
 from chimera_vllm.target import load_target, load_tokenizer  # noqa: E402
 from chimera_vllm.tiny import build_tiny_target, build_trained_pair  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A benchmarks/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])

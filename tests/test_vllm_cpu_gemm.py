@@ -8,10 +8,17 @@ import torch
 from chimera_vllm.model import ResidualHeads, TrigramEncoder
 
 pytest.importorskip("vllm")
-from chimera_vllm.vllm_cpu_gemm import CpuDraftGemms  # noqa: E402
+from chimera_vllm.vllm_cpu_gemm import (  # noqa: E402
+    SMALL_GEMM_MAX_ROWS,
+    CpuDraftGemms,
+    route_small_batches,
+    small_gemm_weight,
+)
 from kernels.greedy_head import greedy_head_reference  # noqa: E402
 
-V, K, T = 500, 3, 5
+from .conftest import load_benchmark  # noqa: E402
+
+V, K = 500, 3
 # float32: both paths are float32 GEMMs summing up to 3H = 1728 products in another order (outputs
 # of size ~10 here); bf16: both round each output once from float32 accumulators, a few ulps apart.
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -25,11 +32,13 @@ def _randomized(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module.to(dtype)
 
 
-# H=64: bf16 weights under 1 MiB take vLLM's small-GEMM kernel on AMX CPUs; H=576 (SmolLM2) takes oneDNN.
+# H=64: bf16 weights under 1 MiB take vLLM's small-GEMM kernel on AMX CPUs; H=576 (SmolLM2) takes oneDNN,
+# or, on an AVX512-BF16 CPU without AMX, the small-GEMM kernel for up to SMALL_GEMM_MAX_ROWS rows (T=5).
+@pytest.mark.parametrize("T", [5, 16])
 @pytest.mark.parametrize("H", [64, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["resblock", "linear"])
-def test_cpu_gemms_match_the_draft_modules(H, dtype, kind):
+def test_cpu_gemms_match_the_draft_modules(T, H, dtype, kind):
     trigram = _randomized(TrigramEncoder(H, kind), dtype)
     heads = _randomized(ResidualHeads(K, H), dtype)
     gen = torch.Generator().manual_seed(1)
@@ -51,3 +60,44 @@ def test_cpu_gemms_match_the_draft_modules(H, dtype, kind):
             logits = features.float() @ lm_head.float().T
             chosen = logits.gather(1, cpu.greedy(features)[:, None])[:, 0]
             torch.testing.assert_close(chosen, logits.max(dim=1).values, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_batch_routing_matches_the_layer_on_both_sides_of_the_threshold(bias):
+    """A vLLM linear layer after CPU dispatch (its weight removed), routed: every row count gives x Wᵀ + b."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(960, 576, generator=gen) / 24).to(torch.bfloat16)
+    b = (torch.randn(960, generator=gen) if bias else torch.zeros(960)).to(torch.bfloat16)
+    layer = SimpleNamespace(weight=weight.clone(), bias=b if bias else None)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    route_small_batches(layer, weight)
+    for rows in (1, SMALL_GEMM_MAX_ROWS, SMALL_GEMM_MAX_ROWS + 1, 16):
+        x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+        expected = x.float() @ weight.float().T + b.float()
+        out = layer.cpu_linear(x, layer.weight, layer.bias).float()
+        torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+
+
+def test_small_gemm_kernel_only_for_aligned_bf16_weights():
+    """Float32 drafts (the lossless tests, the demo) and shapes the kernel cannot pack keep vLLM's dispatch."""
+    assert small_gemm_weight(torch.zeros(960, 576)) is None
+    assert small_gemm_weight(torch.zeros(960, 577, dtype=torch.bfloat16)) is None
+    assert small_gemm_weight(torch.zeros(961, 576, dtype=torch.bfloat16)) is None
+    on_this_cpu = torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+    assert (small_gemm_weight(torch.zeros(960, 576, dtype=torch.bfloat16)) is not None) == on_this_cpu
+
+
+def test_gemm_benchmark_times_three_ways_of_the_same_product():
+    """benchmarks/cpu_gemm.py: vLLM's dispatch, the small-GEMM kernel and F.linear give x Wᵀ."""
+    bench = load_benchmark("cpu_gemm")
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(576, 1152, generator=gen) / 34).to(torch.bfloat16)
+    x = torch.randn(4, 1152, generator=gen).to(torch.bfloat16)
+    impls = bench.implementations(weight)
+    assert set(impls) == set(bench.IMPLEMENTATIONS)
+    for fn in (fn for fn in impls.values() if fn is not None):  # the small-GEMM kernel may be absent
+        torch.testing.assert_close(fn(x).float(), x.float() @ weight.float().T, atol=3e-2, rtol=3e-2)
