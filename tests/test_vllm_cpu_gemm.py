@@ -101,3 +101,18 @@ def test_gemm_benchmark_times_three_ways_of_the_same_product():
     assert set(impls) == set(bench.IMPLEMENTATIONS)
     for fn in (fn for fn in impls.values() if fn is not None):  # the small-GEMM kernel may be absent
         torch.testing.assert_close(fn(x).float(), x.float() @ weight.float().T, atol=3e-2, rtol=3e-2)
+
+
+def test_draft_gemm_benchmark_reports_each_setting_s_median():
+    """benchmarks/draft_gemm.py's table: every run, then the median of each setting over its rounds."""
+    bench = load_benchmark("draft_gemm")
+    rows = [
+        {"round": r, "setting": s, "tok_s": v, **{label: v + i for i, label in enumerate(bench.TIMED)}}
+        for r, (fast, slow) in enumerate([(30.0, 20.0), (36.0, 24.0), (33.0, 22.0)], start=1)
+        for s, v in zip(bench.SETTINGS, (fast, slow))
+    ]
+    medians = [line for line in bench.markdown_table(rows).splitlines() if line.startswith("| median")]
+    assert medians == [
+        "| median | small-GEMM kernel | 33.00 | 33.00 | 34.00 | 35.00 | 36.00 |",
+        "| median | vLLM's dispatch | 22.00 | 22.00 | 23.00 | 24.00 | 25.00 |",
+    ]
