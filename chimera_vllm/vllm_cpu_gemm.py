@@ -10,8 +10,9 @@ bf16, one core of this project's Xeon: a [1728, 1728] matmul 306 vs 93 µs, the
 
 vLLM's dispatch takes its small-GEMM kernel (``weight_packed_linear``) only on CPUs with AMX
 and only for weights under 1 MiB. On an AVX512-BF16 CPU without AMX that kernel beats oneDNN
-for a few rows at every draft shape (benchmarks/results/cpu-gemm-avx512-cold.md, -warm.md), so there the
-draft's matmuls, its encoder layer's included, take it for decode-sized batches.
+for a few rows at every draft shape (benchmarks/results/cpu-gemm-avx512-cold.md and -warm.md),
+so there the draft's matmuls, its encoder layer's included, take it for decode-sized batches
+(a four-token proposal 28% cheaper in vLLM: benchmarks/results/draft-gemm-avx512.md).
 """
 
 from __future__ import annotations

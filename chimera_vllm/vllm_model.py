@@ -195,7 +195,8 @@ class ChimeraDraftForVLLM(nn.Module):
 
     def _cpu_gemms(self) -> CpuDraftGemms | None:
         """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), prepacked
-        on first use: weights and the shared LM head are in place by the first forward."""
+        on first use: weights and the shared LM head are in place by the first forward. The encoder
+        layer's vLLM linears then also get the small-GEMM kernel for a few rows, where it is faster."""
         if self._cpu is None and current_platform.is_cpu():
             self._cpu = CpuDraftGemms(
                 self.model.trigram, self.model.heads, self._greedy_rows() if self.tp_size == 1 else None
