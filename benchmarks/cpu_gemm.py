@@ -69,17 +69,17 @@ def time_cold_us(fn: Callable, x: torch.Tensor, evict: torch.Tensor, calls: int 
 
 
 def implementations(weight: torch.Tensor) -> dict[str, Callable | None]:
-    """x -> x weightᵀ three ways; the small-GEMM kernel is None where this vLLM build or CPU lacks it."""
+    """x -> x weightᵀ three ways; the small-GEMM kernel is None where this vLLM build lacks it or the
+    CPU has no AVX512-BF16 (vLLM itself runs it only with AMX)."""
     from vllm._custom_ops import weight_packed_linear_cpu
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     layer = SimpleNamespace(weight=weight, bias=None)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    try:
+    small = None
+    if torch.cpu._is_avx512_bf16_supported() and hasattr(torch.ops._C, "convert_weight_packed"):
         packed = torch.ops._C.convert_weight_packed(weight)
         small = lambda x: weight_packed_linear_cpu(x, packed, weight.shape[0], None)  # noqa: E731
-    except (AttributeError, RuntimeError):
-        small = None
     return {"vllm": lambda x: layer.cpu_linear(x, weight, None), "small": small, "torch": lambda x: F.linear(x, weight)}
 
 
