@@ -24,11 +24,13 @@ from pathlib import Path
 
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SETTINGS = {"small-GEMM kernel": 8, "vLLM's dispatch": 0}  # SMALL_GEMM_MAX_ROWS
-TIMED = {  # label: (module, class, method); the runner's are per engine step, the draft's per draft token
-    "target forward": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
-    "draft proposal": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"),
-    "draft model forward": ("chimera_vllm.vllm_model", "ChimeraDraftForVLLM", "forward"),
-    "draft LM head + arg-max": ("chimera_vllm.vllm_model", "ChimeraDraftForVLLM", "greedy_tokens"),
+RUNNER, DRAFT = "vllm.v1.worker.gpu_model_runner", "chimera_vllm.vllm_model"
+STEP = "target forward"  # one call per engine step
+TIMED = {  # label: (module, class, method, the label whose calls divide it: per engine step or per draft token)
+    STEP: (RUNNER, "GPUModelRunner", "_model_forward", STEP),
+    "draft proposal": (RUNNER, "GPUModelRunner", "propose_draft_token_ids", STEP),
+    "draft model forward": (DRAFT, "ChimeraDraftForVLLM", "forward", "draft model forward"),
+    "draft LM head + arg-max": (DRAFT, "ChimeraDraftForVLLM", "greedy_tokens", "draft LM head + arg-max"),
 }
 
 
@@ -42,7 +44,7 @@ class Timers:
     def install(self) -> None:
         import importlib
 
-        for label, (module, cls, name) in TIMED.items():
+        for label, (module, cls, name, _) in TIMED.items():
             owner = getattr(importlib.import_module(module), cls)
             setattr(owner, name, self._timed(label, getattr(owner, name)))
 
@@ -61,8 +63,9 @@ class Timers:
         self.seconds.clear()
         self.calls.clear()
 
-    def ms(self, label: str, per: str) -> float:
-        return 1e3 * self.seconds[label] / max(self.calls[per], 1)
+    def ms(self, label: str) -> float:
+        """Milliseconds per engine step or per draft token (TIMED)."""
+        return 1e3 * self.seconds[label] / max(self.calls[TIMED[label][3]], 1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                 timers.reset()
                 outputs, stats = generate(llm, prompts, args.max_new_tokens, num_speculative_tokens=k)
                 row = {"round": round_, "setting": setting, "tok_s": stats.output_tokens / stats.wall_s}
-                row.update({label: timers.ms(label, "target forward") for label in list(TIMED)[:2]})
-                row.update({label: timers.ms(label, label) for label in list(TIMED)[2:]})
+                row.update({label: timers.ms(label) for label in TIMED})
                 rows.append(row)
                 print(row, flush=True)
     finally:

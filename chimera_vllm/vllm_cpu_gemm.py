@@ -51,15 +51,17 @@ def _rows(x: torch.Tensor) -> int:
 def route_small_batches(layer: Any, weight: torch.Tensor) -> None:
     """Send a vLLM linear layer's calls of up to SMALL_GEMM_MAX_ROWS rows to the small-GEMM kernel
     where it is faster (small_gemm_weight); weight: the layer's weight as loaded, which vLLM's CPU
-    dispatch has since replaced on the layer by its prepacked copy."""
+    dispatch has since replaced on the layer by its prepacked copy. The kernel takes a float32 bias,
+    converted here once: the bias a call passes is the layer's own, or None (``skip_bias_add``)."""
     packed = small_gemm_weight(weight)
     if packed is None:
         return
     n, dispatched = weight.shape[0], layer.cpu_linear
+    bias_f32 = None if getattr(layer, "bias", None) is None else layer.bias.detach().float()
 
     def cpu_linear(x: torch.Tensor, layer_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _rows(x) <= SMALL_GEMM_MAX_ROWS:
-            return weight_packed_linear_cpu(x, packed, n, None if bias is None else bias.float())
+            return weight_packed_linear_cpu(x, packed, n, None if bias is None else bias_f32)
         return dispatched(x, layer_weight, bias)
 
     layer.cpu_linear = cpu_linear

@@ -195,15 +195,11 @@ class ChimeraDraftForVLLM(nn.Module):
 
     def _cpu_gemms(self) -> CpuDraftGemms | None:
         """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), prepacked
-        on first use: weights and the shared LM head are in place by the first forward. The encoder
-        layer's vLLM linears then also get the small-GEMM kernel for a few rows, where it is faster."""
+        on first use: weights and the shared LM head are in place by the first forward."""
         if self._cpu is None and current_platform.is_cpu():
             self._cpu = CpuDraftGemms(
                 self.model.trigram, self.model.heads, self._greedy_rows() if self.tp_size == 1 else None
             )
-            for layer, weight in zip(self.model.encoder.linear_layers(), self._loaded_encoder_weights):
-                route_small_batches(layer, weight)
-            self._loaded_encoder_weights = []
         return self._cpu
 
     def compute_logits(self, features: torch.Tensor) -> torch.Tensor | None:
@@ -250,9 +246,16 @@ class ChimeraDraftForVLLM(nn.Module):
             else:
                 loader(param, tensor, shard)
             loaded.add(name)
-        if current_platform.is_cpu():  # kept past vLLM's CPU prepacking, for route_small_batches
+        if current_platform.is_cpu():  # kept past vLLM's CPU prepacking, for process_weights_after_loading
             self._loaded_encoder_weights = [layer.weight.detach() for layer in self.model.encoder.linear_layers()]
         return loaded
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after its CPU prepacking of every linear layer: the encoder
+        layer's linears get the small-GEMM kernel for a few rows, where it is faster (vllm_cpu_gemm.py)."""
+        for layer, weight in zip(self.model.encoder.linear_layers(), self._loaded_encoder_weights):
+            route_small_batches(layer, weight)
+        self._loaded_encoder_weights = []
 
 
 def _vllm_name(name: str) -> tuple[str, str | int | None]:
