@@ -118,16 +118,23 @@ def tuned_schedule(
     just above the previous measured size up to its own (the last one up to any size).
     None when speculation lost everywhere.
 
-    hybrid (a chimera+ngram:K:D method): its own schedule, K where it beat no speculation and 0
-    elsewhere (a smaller K would cap the lookup's drafts too: a method not measured)."""
+    hybrid (a chimera+ngram:K:D method): its own schedule, at each batch size the fastest of the
+    hybrid itself (K), a Chimera row chimera:k with k <= D (scheduled as k, the hybrid then drafts k
+    tokens, the lookup's where the text repeats and the draft model's elsewhere: measured as the
+    Chimera row, where prompt lookup's longer drafts cost more rows than they gain) and no
+    speculation (0)."""
     measured = sorted({r.batch_size for r in rows if (r.method, r.dtype, r.temperature) == ("none", dtype, 0)})
+
+    def schedulable(method: str) -> bool:
+        name, _, k = method.partition(":")
+        if name != "chimera" or not k.isdigit():  # chimera:auto included
+            return hybrid is not None and method == str(hybrid)
+        return hybrid is None or int(k) <= (hybrid.draft_k or hybrid.k)
+
     entries, first = [], 1
     for i, b in enumerate(measured):
         candidates = [
-            r
-            for r in rows
-            if (r.method == str(hybrid) if hybrid else r.method.startswith("chimera:"))
-            and (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0)
+            r for r in rows if (r.dtype, r.batch_size, r.temperature) == (dtype, b, 0) and schedulable(r.method)
         ]
         best = max(candidates, key=lambda r: r.output_tokens_per_s, default=None)
         k = Method.parse(best.method).k if best is not None and (best.speedup or 0) > 1 else 0

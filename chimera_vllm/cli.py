@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-schedule",
         action="store_true",
         help="then run chimera:auto: vLLM's batch-size schedule with the fastest measured K per batch size, "
-        "and chimera+ngram:K:D:auto for each chimera+ngram method: it where it beat no speculation, off elsewhere",
+        "and chimera+ngram:K:D:auto for each chimera+ngram method: per batch size the fastest of itself, "
+        "a measured chimera:k with k <= D (its drafts capped at k) and no speculation",
     )
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument(

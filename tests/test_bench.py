@@ -40,26 +40,31 @@ def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_specul
     assert tuned_schedule(rows, "float32") is None  # speculation lost everywhere: no schedule
 
 
-def test_a_prompt_lookup_hybrid_gets_its_own_schedule_it_where_it_won_and_off_elsewhere():
-    hybrid = Method.parse("chimera+ngram:4:4")
+def test_a_prompt_lookup_hybrid_gets_its_own_schedule_from_itself_chimera_rows_within_its_share_and_none():
+    hybrid = Method.parse("chimera+ngram:4:2")
     rows = [
         _row("none", 1, 10.0),
         _row("chimera:2", 1, 13.0),
-        _row("chimera+ngram:4:4", 1, 16.0),
-        _row("chimera+ngram:4:2", 1, 17.0),  # another hybrid: not this one's to schedule
+        _row("chimera+ngram:4:2", 1, 16.0),
+        _row("chimera+ngram:4:4", 1, 17.0),  # another hybrid: not this one's to schedule
+        _row("none", 4, 30.0),
+        _row("chimera:2", 4, 40.0),  # lookup's longer drafts cost more rows than they gain here
+        _row("chimera:3", 4, 45.0),  # more than the hybrid's draft-model share: not schedulable
+        _row("chimera+ngram:4:2", 4, 33.0),
         _row("none", 16, 90.0),
-        _row("chimera:2", 16, 95.0),
-        _row("chimera+ngram:4:4", 16, 60.0),
+        _row("chimera:2", 16, 85.0),
+        _row("chimera+ngram:4:2", 16, 60.0),
     ]
     add_ratios(rows)
     schedule = tuned_schedule(rows, "bfloat16", hybrid)
-    assert schedule == ((1, 1, 4), (2, 1 << 20, 0))
-    assert tuned_schedule(rows, "bfloat16") == ((1, 1, 2), (2, 1 << 20, 2))  # Chimera's own, unchanged
+    assert schedule == ((1, 1, 4), (2, 4, 2), (5, 1 << 20, 0))
+    assert tuned_schedule(rows, "bfloat16") == ((1, 1, 2), (2, 4, 3), (5, 1 << 20, 0))  # Chimera's own
+    assert tuned_schedule(rows, "bfloat16", Method.parse("chimera+ngram:4:4"))[:2] == ((1, 1, 4), (2, 4, 3))
     auto = Method(hybrid.name, hybrid.k, schedule, hybrid.draft_k)
-    assert str(auto) == "chimera+ngram:4:4:auto"
+    assert str(auto) == "chimera+ngram:4:2:auto"
     spec = auto.spec({"chimera": "DRAFT"})
-    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 1, 4], [2, 1 << 20, 0]]
-    lookup = {"num_speculative_tokens": 4, "chimera_num_speculative_tokens": 4, "prompt_lookup_min": 2}
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 1, 4], [2, 4, 2], [5, 1 << 20, 0]]
+    lookup = {"num_speculative_tokens": 4, "chimera_num_speculative_tokens": 2, "prompt_lookup_min": 2}
     assert lookup.items() <= spec.items()
 
 
