@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +68,19 @@ def test_lookup_drafts_what_followed_the_longest_match():
     lengths = np.array([10, 5, 10], dtype=np.int32)
     assert lookup.propose(contexts, lengths, 3, 1 << 20) == [[9, 9, 4], [8, 5, 6], []]
     assert lookup.propose(contexts[:1], lengths[:1], 3, 11) == [[9]]  # never past max_model_len
+
+
+def test_the_lookup_starts_numba_on_its_own_thread_pool_not_openmp():
+    """numba's OpenMP layer, started by the first match in vLLM's CPU worker, slowed every later target
+    step there by a fifth (docs/vllm-integration.md); a fresh process, as the worker is."""
+    script = (
+        "import numpy as np, numba\n"
+        "from chimera_vllm.prompt_lookup import PromptLookup\n"
+        "drafts = PromptLookup(2, 3).propose(np.array([[1, 2, 3, 1, 2]], np.int32), np.array([5]), 2, 64)\n"
+        "print(drafts, numba.threading_layer())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "workqueue", out.stdout
 
 
 def test_greedy_replay_drafts_from_the_lookup_first_and_the_draft_model_elsewhere():
