@@ -126,10 +126,10 @@ def tuned_schedule(
     measured = sorted({r.batch_size for r in rows if (r.method, r.dtype, r.temperature) == ("none", dtype, 0)})
 
     def schedulable(method: str) -> bool:
-        name, _, k = method.partition(":")
-        if name != "chimera" or not k.isdigit():  # chimera:auto included
-            return hybrid is not None and method == str(hybrid)
-        return hybrid is None or int(k) <= (hybrid.draft_k or hybrid.k)
+        if hybrid is not None and method == str(hybrid):
+            return True
+        name, _, k = method.partition(":")  # chimera:K rows; not chimera:auto
+        return name == "chimera" and k.isdigit() and (hybrid is None or int(k) <= (hybrid.draft_k or hybrid.k))
 
     entries, first = [], 1
     for i, b in enumerate(measured):
