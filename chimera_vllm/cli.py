@@ -28,15 +28,31 @@ def _load_inputs(args: argparse.Namespace):
     return tokenizer, prompts, target, draft
 
 
+TREE_HELP = (
+    "draft a tree of tokens each step (greedy, the reference decoder): branching factors per depth "
+    "(3,2,1,1) or a JSON file of rank paths (chimera-vllm make-tree)"
+)
+
+
+def _tree(args: argparse.Namespace):
+    from .tree import DraftTree
+
+    return DraftTree.parse(args.tree) if args.tree else None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.engine == "vllm":
+        if args.tree:
+            raise ValueError("--tree runs on the reference decoder (--engine hf): vLLM verifies a chain of drafts")
         tokenizer, prompts, (outputs, stats) = _generate_vllm(args)
     else:
         from .decoding import SpeculativeDecoder
         from .target import eos_token_ids
 
         tokenizer, prompts, target, draft = _load_inputs(args)
-        decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, args.seed)
+        decoder = SpeculativeDecoder(
+            target, draft, args.num_speculative_tokens, args.temperature, args.seed, tree=_tree(args)
+        )
         outputs, stats = decoder.generate(
             prompts, args.max_new_tokens, eos_token_ids(tokenizer, target.generation_config), progress=not args.json
         )
@@ -87,7 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .target import eos_token_ids
 
     tokenizer, prompts, target, draft = _load_inputs(args)  # --draft is required for eval
-    k = args.num_speculative_tokens or draft.num_heads
+    tree = _tree(args)
+    k = args.num_speculative_tokens or (tree.depth if tree else draft.num_heads)
     result = evaluate(
         target,
         draft,
@@ -98,12 +115,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.batch_size,
         progress=not args.json,
         categories=[p.category for p in read_prompts(args.prompts)],
+        tree=tree,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
         return
+    drafted = f"K={k}" if tree is None else f"a tree of {tree.num_nodes} nodes, {k} deep"
     print(
-        f"{result.num_prompts} prompts, K={k}: mean accepted length {result.mean_accepted_length:.3f} "
+        f"{result.num_prompts} prompts, {drafted}: mean accepted length {result.mean_accepted_length:.3f} "
         f"(outputs identical to the target's: {'yes' if result.outputs_identical else 'NO'})"
     )
     print(f"{'head':>6}{'acceptance':>12}{'top-1':>8}{'top-5':>8}")
@@ -122,6 +141,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for c in result.by_category:
             cells = "  ".join(f"{t:.3f}" for t in c.head_top1)
             print(f"  {c.category:<16}{c.num_prompts:>4} prompts  {c.mean_accepted_length:.3f}  {cells}")
+
+
+def cmd_make_tree(args: argparse.Namespace) -> None:
+    from .evaluate import best_tree
+    from .target import eos_token_ids
+
+    tokenizer, prompts, target, draft = _load_inputs(args)
+    tree, probability = best_tree(
+        target,
+        draft,
+        prompts,
+        args.nodes,
+        args.depth or draft.num_heads,
+        args.max_new_tokens,
+        eos_token_ids(tokenizer, target.generation_config),
+        args.batch_size,
+        progress=True,
+    )
+    tree.save(args.out)
+    print(
+        f"{args.out}: {tree.num_nodes} nodes, {tree.depth} deep; expected mean accepted length "
+        f"{tree.expected_accepted_length(probability):.2f} (depths taken as independent)"
+    )
 
 
 def cmd_init_draft(args: argparse.Namespace) -> None:
@@ -354,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default: all heads)"
     )
+    g.add_argument("--tree", help=TREE_HELP)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
@@ -377,12 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft", required=True)
     e.add_argument("--prompts", required=True)
     e.add_argument("--num-speculative-tokens", type=int, default=None)
+    e.add_argument("--tree", help=TREE_HELP)
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    mt = sub.add_parser(
+        "make-tree", help="the draft tree most likely to be accepted, from the heads' ranks on the target's answers"
+    )
+    mt.add_argument("--target", required=True)
+    mt.add_argument("--draft", required=True)
+    mt.add_argument("--prompts", required=True, help="prompts to measure on (not the ones you evaluate on)")
+    mt.add_argument("--nodes", type=int, required=True, help="draft tokens the target verifies a step")
+    mt.add_argument("--depth", type=int, default=None, help="longest path (default: the draft's heads)")
+    mt.add_argument("--out", required=True, help="JSON file of the tree's rank paths (for --tree)")
+    mt.add_argument("--max-new-tokens", type=int, default=128)
+    mt.add_argument("--batch-size", type=int, default=16)
+    mt.add_argument("--dtype", default="float32")
+    mt.add_argument("--device", default="cpu")
+    mt.set_defaults(func=cmd_make_tree)
 
     i = sub.add_parser("init-draft", help="write an untrained Chimera draft for a target")
     i.add_argument("--target", required=True)

@@ -1,9 +1,10 @@
 """Reference speculative decoder on transformers: the target verifies the Chimera draft.
 
 One loop serves plain decoding (no draft: one token per target step) and
-Chimera speculative decoding. The batch keeps one slot per fed token in the
-target's KV cache; slots of rejected drafts stay behind as masked holes until
-no request needs the tail, which is then cropped. The draft's encoder keeps
+Chimera speculative decoding, with a chain of K drafts or a tree of them
+(chimera_vllm/tree.py). The batch keeps one slot per fed token in the target's
+KV cache; slots of rejected drafts stay behind as masked holes until no request
+needs the tail, which is then cropped. The draft's encoder keeps
 keys/values of the verified hidden states in the same slots, under the same mask.
 """
 
@@ -22,6 +23,7 @@ from transformers.cache_utils import DynamicCache
 from .model import ChimeraDraft, TargetParts
 from .sampling import TokenSampler
 from .target import final_hidden
+from .tree import DraftTree
 
 
 @dataclass
@@ -136,14 +138,27 @@ class SpeculativeDecoder:
         num_speculative_tokens: int | None = None,
         temperature: float = 0.0,
         seed: int = 0,
+        tree: DraftTree | None = None,
     ):
+        """tree: draft and verify a token tree each step (greedy only) instead of a chain of K tokens."""
         self.target = target
         self.draft = draft
         self.parts = TargetParts.from_model(target)
+        self.tree = tree
         if draft is None:
+            if tree is not None:
+                raise ValueError("a draft tree needs a draft")
             self.k = 0
         else:
             draft.config.check_target(target.config)
+            if tree is not None:
+                if temperature != 0:
+                    raise ValueError(f"tree drafting verifies greedily: use temperature 0, not {temperature}")
+                if num_speculative_tokens not in (None, tree.depth):
+                    raise ValueError(
+                        f"num_speculative_tokens={num_speculative_tokens} but the draft tree is {tree.depth} deep"
+                    )
+                num_speculative_tokens = tree.depth
             self.k = draft.num_heads if num_speculative_tokens is None else num_speculative_tokens
             draft.check_num_steps(self.k)
         self.sampler = TokenSampler(temperature, seed, device=target.device)
@@ -217,7 +232,46 @@ class SpeculativeDecoder:
         return F.linear(hidden, self.parts.lm_head_weight)
 
     def _step(self, reqs: _Requests, state: _DeviceState, stats: DecodeStats) -> None:
-        """One target step: draft K tokens, verify them, keep the accepted prefix and one more."""
+        """One target step: draft, verify, keep the accepted tokens and the target's next one."""
+        if self.tree is not None:
+            ids, positions, hidden, kept, nxt = self._verify_tree(reqs, state)
+        else:
+            ids, positions, hidden, kept, nxt = self._verify_chain(reqs, state)
+        B, device = ids.shape[0], ids.device
+        last = kept.long().cumsum(dim=1).argmax(dim=1)  # the slot of the last kept token
+        accepted = kept.sum(dim=1) - 1  # drafts kept (the pending token always is)
+        state.valid = torch.cat([state.valid, kept], dim=1)
+        if state.ctx_k is not None:
+            new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
+            state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
+            state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)
+        state.anchor = hidden[torch.arange(B, device=device), last]
+        state.next_pos = state.next_pos + 1 + accepted
+        state.pending = nxt
+
+        stats.target_steps += B
+        stats.draft_tokens += B * (ids.shape[1] - 1)
+        stats.accepted_tokens += int(accepted.sum())
+        for i in range(self.k):
+            stats.accepted_by_position[i] += int((accepted > i).sum())
+
+        running = []
+        acc, nxt_list, id_list, kept_list = accepted.tolist(), nxt.tolist(), ids.tolist(), kept.tolist()
+        for b, request in enumerate(state.rows):
+            stats.steps_by_request[request] += 1
+            stats.accepted_by_request[request] += acc[b]
+            drafts = [t for t, keep in zip(id_list[b][1:], kept_list[b][1:]) if keep]
+            if not reqs.emit(request, drafts + [nxt_list[b]]):
+                running.append(b)
+        if len(running) < B:
+            state.keep(running)
+        state.crop_tail()
+
+    def _verify_chain(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Draft K tokens (none without a draft) and verify them after the pending token.
+
+        Returns the fed ids [B, 1+K], their positions, the target's hidden states there, which
+        slots are kept [B, 1+K] (the pending token and the accepted drafts) and the next token [B]."""
         K, device = self.k, self.target.device
         if K:
             drafts, draft_logits = self.draft.propose(
@@ -243,32 +297,39 @@ class SpeculativeDecoder:
             accepted, nxt = self.sampler.verify(drafts, draft_logits, logits)
         else:
             accepted, nxt = torch.zeros(B, dtype=torch.long, device=device), self.sampler.sample(logits[:, 0])
+        kept = torch.arange(K + 1, device=device)[None] <= accepted[:, None]
+        return ids, positions, hidden, kept, nxt
 
-        rows = torch.arange(B, device=device)
-        new_valid = torch.arange(K + 1, device=device)[None] <= accepted[:, None]
-        state.valid = torch.cat([state.valid, new_valid], dim=1)
-        if state.ctx_k is not None:
-            new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
-            state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
-            state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)
-        state.anchor = hidden[rows, accepted]
-        state.next_pos = state.next_pos + 1 + accepted
-        state.pending = nxt
-
-        stats.target_steps += B
-        stats.draft_tokens += B * K
-        stats.accepted_tokens += int(accepted.sum())
-        for i in range(K):
-            stats.accepted_by_position[i] += int((accepted > i).sum())
-
-        running = []
-        acc, nxt_list = accepted.tolist(), nxt.tolist()
-        draft_list = ids[:, 1:].tolist()
-        for b, request in enumerate(state.rows):
-            stats.steps_by_request[request] += 1
-            stats.accepted_by_request[request] += acc[b]
-            if not reqs.emit(request, draft_list[b][: acc[b]] + [nxt_list[b]]):
-                running.append(b)
-        if len(running) < B:
-            state.keep(running)
-        state.crop_tail()
+    def _verify_tree(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Draft the tree's nodes and verify them all in one target pass, each node seeing only
+        its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
+        Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes."""
+        tree, device = self.tree, self.target.device
+        nodes = self.draft.propose_tree(
+            self.parts,
+            state.ctx_k,
+            state.ctx_v,
+            state.valid,
+            reqs.last_three(state.rows).to(device),
+            state.next_pos,
+            state.anchor,
+            tree,
+        )
+        ids = torch.cat([state.pending[:, None], nodes], dim=1)
+        B, S, N1 = ids.shape[0], state.valid.shape[1], ids.shape[1]
+        depths = tree.slot_depths(device)
+        seen = tree.visibility(device)  # [1+N, 1+N]
+        positions = state.next_pos[:, None] + depths
+        allowed = torch.cat([state.valid[:, None, :].expand(B, N1, S), seen.expand(B, N1, N1)], dim=2)
+        dtype = self.target.dtype
+        mask = torch.zeros(B, 1, N1, S + N1, dtype=dtype, device=device).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min
+        )
+        hidden = final_hidden(self.target, ids, mask, positions, state.cache)
+        choice = self._lm_head(hidden).argmax(dim=-1)  # [B, 1+N]: the target's token after each slot
+        parent_slot = torch.tensor([p + 1 for p in tree.parents], device=device)
+        agrees = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), nodes == choice[:, parent_slot]], dim=1)
+        on_path = ~((~agrees)[:, None, :] & seen[None]).any(dim=2)  # every slot of its path agrees
+        last = (on_path * (depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
+        kept = seen[last]
+        return ids, positions, hidden, kept, choice[torch.arange(B, device=device), last]

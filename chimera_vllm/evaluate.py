@@ -27,6 +27,10 @@ from .decoding import SpeculativeDecoder
 from .model import ChimeraDraft, TargetParts
 from .target import final_hidden
 from .training.objective import draft_steps
+from .tree import DraftTree
+
+RANKS = 16
+"""Ranks of the target's token among each head's choices that are counted (for draft trees)."""
 
 CONFIDENCE_EDGES = (0.5, 0.8, 0.95)
 """Bounds of the confidence buckets: [0, 0.5), [0.5, 0.8), [0.8, 0.95), [0.95, 1]."""
@@ -50,6 +54,7 @@ class HeadAccuracy:
     by_target_confidence: list[ConfidenceBucket]
     by_draft_confidence: list[ConfidenceBucket]
     top1_by_group: dict[str, list[float]]  # per head, over each group's sequences (when groups are given)
+    rank_probability: list[list[float]]  # per head: share of positions where the target's token is its r-th choice
 
 
 @dataclass
@@ -99,8 +104,10 @@ class EvalResult:
     head_top5: list[float]
     head_top1_by_target_confidence: list[ConfidenceBucket]
     head_top1_by_draft_confidence: list[ConfidenceBucket]
+    head_rank_probability: list[list[float]]  # [head][r]: the target's token is the head's r-th choice (r < RANKS)
     outputs_identical: bool
     by_category: list[CategoryResult] = field(default_factory=list)  # weakest first; empty without categories
+    tree: list[list[int]] | None = None  # the draft tree's rank paths, when decoding drafted a tree
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +199,7 @@ def head_accuracy(
     parts = TargetParts.from_model(target)
     by_target, by_draft = _BucketTally(num_steps), _BucketTally(num_steps)
     hits5 = torch.zeros(num_steps)
+    rank_counts = torch.zeros(num_steps, RANKS + 1)
     group_hits: dict[str, torch.Tensor] = {}  # per group: [hits, positions] per head
     lm_head = parts.lm_head_weight.float()  # once: for a bf16 target, a vocabulary-sized copy
     for i, (prompt, continuation) in enumerate(sequences):
@@ -207,6 +215,7 @@ def head_accuracy(
             by_target.add(k, confidence[p.cpu()], rank < 1)
             by_draft.add(k, logits.float().softmax(dim=-1).amax(dim=-1).cpu(), rank < 1)
             hits5[k] += (rank < 5).sum().item()
+            rank_counts[k] += torch.bincount(rank.clamp(max=RANKS), minlength=RANKS + 1).float()
             if tally is not None:
                 tally[:, k] += torch.tensor([(rank < 1).sum().item(), len(rank)])
     total = by_target.counts.sum(dim=1).clamp(min=1)  # positions scored per head
@@ -216,7 +225,24 @@ def head_accuracy(
         by_target_confidence=by_target.buckets(),
         by_draft_confidence=by_draft.buckets(),
         top1_by_group={g: (t[0] / t[1].clamp(min=1)).tolist() for g, t in group_hits.items()},
+        rank_probability=(rank_counts[:, :RANKS] / total[:, None]).tolist(),
     )
+
+
+def greedy_continuations(
+    target: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[list[int]]:
+    """The target's own greedy answers (plain decoding, batch_size prompts at a time)."""
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, unit="batch", desc="target"):
+        batch = prompts[start : start + batch_size]
+        outputs += SpeculativeDecoder(target).generate(batch, max_new_tokens, eos_token_ids)[0]
+    return outputs
 
 
 def evaluate(
@@ -229,15 +255,17 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = False,
     categories: list[str | None] | None = None,
+    tree: DraftTree | None = None,
 ) -> EvalResult:
     """Greedy: decode with and without the draft, then score the heads on the target's continuations.
-    With categories (one per prompt, None for none), the metrics also per category."""
-    plain, spec, steps, accepted = [], [], 0, torch.zeros(num_steps)
+    With categories (one per prompt, None for none), the metrics also per category; with a tree,
+    decoding drafts it (num_steps must be its depth) instead of a chain of num_steps tokens."""
+    plain = greedy_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size, progress)
+    spec, steps, accepted = [], 0, torch.zeros(num_steps)
     steps_by_prompt, accepted_by_prompt = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, unit="batch"):
-        batch = prompts[start : start + batch_size]
-        plain += SpeculativeDecoder(target).generate(batch, max_new_tokens, eos_token_ids)[0]
-        outputs, stats = SpeculativeDecoder(target, draft, num_steps).generate(batch, max_new_tokens, eos_token_ids)
+    decoder = SpeculativeDecoder(target, draft, num_steps, tree=tree)
+    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, unit="batch", desc="draft"):
+        outputs, stats = decoder.generate(prompts[start : start + batch_size], max_new_tokens, eos_token_ids)
         spec += outputs
         steps += stats.target_steps
         accepted += torch.tensor(stats.accepted_by_position, dtype=torch.float)
@@ -256,9 +284,29 @@ def evaluate(
         head_top5=heads.top5,
         head_top1_by_target_confidence=heads.by_target_confidence,
         head_top1_by_draft_confidence=heads.by_draft_confidence,
+        head_rank_probability=heads.rank_probability,
         outputs_identical=plain == spec,
         by_category=[] if groups is None else _by_category(groups, steps_by_prompt, accepted_by_prompt, heads),
+        tree=None if tree is None else [list(p) for p in tree.paths],
     )
+
+
+def best_tree(
+    target: PreTrainedModel,
+    draft: ChimeraDraft,
+    prompts: list[list[int]],
+    num_nodes: int,
+    depth: int,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[DraftTree, list[list[float]]]:
+    """The num_nodes-node draft tree (at most depth deep) most likely to be accepted on the target's
+    greedy answers to prompts, and the heads' rank probabilities it was built from."""
+    plain = greedy_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size, progress)
+    probability = head_accuracy(target, draft, list(zip(prompts, plain)), depth).rank_probability
+    return DraftTree.best(probability, num_nodes), probability
 
 
 UNCATEGORISED = "(no category)"

@@ -30,6 +30,7 @@ from .config import ChimeraConfig, ChimeraConfigError
 from .kernels.greedy_head import greedy_draft_head
 from .kernels.residual_head import residual_head
 from .kernels.trigram import trigram_fused
+from .tree import DraftTree
 
 
 @dataclass
@@ -398,6 +399,65 @@ class ChimeraDraft(nn.Module):
                 tri = torch.cat([tri[:, 1:], tok[:, None]], dim=1)
         logits = None if choose is None else torch.stack(all_logits, dim=1)
         return torch.stack(tokens, dim=1), logits
+
+    @torch.no_grad()
+    def propose_tree(
+        self,
+        parts: TargetParts,
+        ctx_k: Tensor | None,
+        ctx_v: Tensor | None,
+        ctx_valid: Tensor,
+        last_tokens: Tensor,
+        next_position: Tensor,
+        anchor: Tensor,
+        tree: DraftTree,
+    ) -> Tensor:
+        """Greedy drafting of a token tree: [B, N], node i's token being the draft's
+        (path[-1])-th choice after the tokens of its ancestors (inputs as in :meth:`propose`).
+
+        Each depth is one encoder pass with the nodes that have children as its queries:
+        they share the verified context and each sees its own path's earlier draft outputs,
+        the entries the drafting loop would have appended for that path.
+        """
+        self.check_num_steps(tree.depth)
+        B = anchor.shape[0]
+        tokens = torch.empty(B, tree.num_nodes, dtype=torch.long, device=anchor.device)
+        trigrams = {-1: last_tokens}  # per expanding node: its path's last three tokens [B, 3]
+        own: dict[int, tuple[Tensor, Tensor] | None] = {-1: None}  # its path's draft outputs' keys/values
+        for depth in range(tree.depth):
+            nodes = tree.expanding(depth)
+            if self.uses_context:
+                e = self.trigram(torch.stack([trigrams[u] for u in nodes], dim=1), parts.embed_weight)
+                pos = (next_position + depth)[:, None].expand(B, len(nodes))
+                own_k = own_v = None
+                if depth:
+                    own_k = torch.stack([own[u][0] for u in nodes], dim=2)  # [B, kvh, E, depth, d]
+                    own_v = torch.stack([own[u][1] for u in nodes], dim=2)
+                mask = ctx_valid[:, None, :].expand(B, len(nodes), -1)
+                h_hat = self.encoder(e, pos, ctx_k, ctx_v, mask, own_k, own_v)
+                features, rows = self.draft_vocab_product(depth, h_hat, anchor[:, None].expand_as(h_hat), parts)
+                new_k, new_v = self.encoder.context_kv(h_hat, pos)  # [B, kvh, E, d]
+            else:  # Medusa: the heads read the anchor alone, the same for every node of a depth
+                features, rows = self.draft_vocab_product(depth, None, anchor, parts)
+                features = features[:, None].expand(B, len(nodes), -1)
+            top = F.linear(features, rows).topk(tree.max_rank(depth), dim=-1).indices  # [B, E, choices]
+            if self.draft_vocab is not None:
+                top = self.draft_vocab[top]
+            column = {u: j for j, u in enumerate(nodes)}
+            grows = set(tree.expanding(depth + 1)) if depth + 1 < tree.depth else set()
+            for i, (path, parent) in enumerate(zip(tree.paths, tree.parents)):
+                if len(path) != depth + 1:
+                    continue
+                j = column[parent]
+                tokens[:, i] = top[:, j, path[-1]]
+                if i in grows:
+                    trigrams[i] = torch.cat([trigrams[parent][:, 1:], tokens[:, i, None]], dim=1)
+                    if self.uses_context:
+                        k, v = new_k[:, :, j, None], new_v[:, :, j, None]
+                        if own[parent] is not None:
+                            k, v = torch.cat([own[parent][0], k], dim=2), torch.cat([own[parent][1], v], dim=2)
+                        own[i] = (k, v)
+        return tokens
 
     # --- checkpoints ---------------------------------------------------------
 

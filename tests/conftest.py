@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # Kernel tests run Triton's interpreter on CPU; it must be chosen before any kernel is defined.
@@ -24,6 +25,7 @@ def load_benchmark(name: str):
     """A benchmarks/ script as a module."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -29,6 +29,7 @@ def test_a_target_that_always_says_token_zero(llama_dir):
     assert result.mean_accepted_length == 4.0  # 12 tokens after the first come in 3 steps of K+1
     assert result.acceptance_by_position == [1.0, 1.0, 1.0]
     assert result.head_top1 == [1.0, 1.0, 1.0] and result.head_top5 == [1.0, 1.0, 1.0]
+    assert result.head_rank_probability == [[1.0] + [0.0] * 15] * 3  # ties go to the lower id: token 0 first
     assert result.outputs_identical
     unsure, *others = result.head_top1_by_target_confidence  # uniform logits: probability 1/V everywhere
     assert (unsure.low, unsure.share, unsure.head_top1) == (0.0, [1.0] * 3, [1.0] * 3)
@@ -92,6 +93,13 @@ def test_head_accuracy_by_target_confidence_adds_up_and_buckets_the_targets_prob
         probabilities += logits.softmax(-1).amax(-1)[len(prompt) : len(prompt) + len(continuation) - 1].tolist()
     sure = sum(p >= 0.95 for p in probabilities) / len(probabilities)
     assert buckets[3].share[0] == pytest.approx(sure, abs=1e-6) and 0 < sure < 1
+
+
+def test_rank_probability_agrees_with_top1_and_top5(trained_eval):
+    *_, result = trained_eval
+    for ranks, top1, top5 in zip(result.head_rank_probability, result.head_top1, result.head_top5):
+        assert ranks[0] == pytest.approx(top1) and sum(ranks[:5]) == pytest.approx(top5)
+        assert 0 < sum(ranks) <= 1 + 1e-6
 
 
 def test_head_accuracy_by_draft_confidence_adds_up_and_is_calibrated(trained_eval):
