@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from .model import ChimeraDraft, TargetParts
+from .model import ChimeraDraft, DraftInputs, TargetParts
 from .sampling import TokenSampler
 from .target import final_hidden
 from .tree import DraftTree
@@ -267,6 +267,10 @@ class SpeculativeDecoder:
             state.keep(running)
         state.crop_tail()
 
+    def _draft_inputs(self, reqs: _Requests, state: _DeviceState) -> DraftInputs:
+        last_three = reqs.last_three(state.rows).to(self.target.device)
+        return DraftInputs(self.parts, state.ctx_k, state.ctx_v, state.valid, last_three, state.next_pos, state.anchor)
+
     def _verify_chain(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Draft K tokens (none without a draft) and verify them after the pending token.
 
@@ -274,17 +278,8 @@ class SpeculativeDecoder:
         slots are kept [B, 1+K] (the pending token and the accepted drafts) and the next token [B]."""
         K, device = self.k, self.target.device
         if K:
-            drafts, draft_logits = self.draft.propose(
-                self.parts,
-                state.ctx_k,
-                state.ctx_v,
-                state.valid,
-                reqs.last_three(state.rows).to(device),
-                state.next_pos,
-                state.anchor,
-                K,
-                None if self.sampler.greedy else self.sampler.choose,
-            )
+            chooser = None if self.sampler.greedy else self.sampler.choose
+            drafts, draft_logits = self.draft.propose(self._draft_inputs(reqs, state), K, chooser)
             ids = torch.cat([state.pending[:, None], drafts], dim=1)
         else:
             ids = state.pending[:, None]
@@ -305,16 +300,7 @@ class SpeculativeDecoder:
         its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
         Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes."""
         tree, device = self.tree, self.target.device
-        nodes = self.draft.propose_tree(
-            self.parts,
-            state.ctx_k,
-            state.ctx_v,
-            state.valid,
-            reqs.last_three(state.rows).to(device),
-            state.next_pos,
-            state.anchor,
-            tree,
-        )
+        nodes = self.draft.propose_tree(self._draft_inputs(reqs, state), tree)
         ids = torch.cat([state.pending[:, None], nodes], dim=1)
         B, S, N1 = ids.shape[0], state.valid.shape[1], ids.shape[1]
         depths = tree.slot_depths(device)

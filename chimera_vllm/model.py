@@ -48,6 +48,22 @@ class TargetParts:
         )
 
 
+@dataclass
+class DraftInputs:
+    """What the drafting loop reads once the target has verified x_0..x_n of B requests and
+    produced x_{n+1}: ctx_k/ctx_v [B, kvh, S, d] are the encoder's keys/values of the verified
+    hidden states h_0..h_n (None for Medusa) in S slots, ctx_valid [B, S] marks the real ones,
+    last_tokens [B, 3] are (x_{n-1}, x_n, x_{n+1}), next_position [B] is n+1, anchor [B, H] is h_n."""
+
+    parts: TargetParts
+    ctx_k: Tensor | None
+    ctx_v: Tensor | None
+    ctx_valid: Tensor
+    last_tokens: Tensor
+    next_position: Tensor
+    anchor: Tensor
+
+
 class ResBlock(nn.Module):
     """x + SiLU(Linear(x)), with the linear weight zero-initialised (identity at start)."""
 
@@ -356,36 +372,21 @@ class ChimeraDraft(nn.Module):
 
     @torch.no_grad()
     def propose(
-        self,
-        parts: TargetParts,
-        ctx_k: Tensor | None,
-        ctx_v: Tensor | None,
-        ctx_valid: Tensor,
-        last_tokens: Tensor,
-        next_position: Tensor,
-        anchor: Tensor,
-        num_steps: int,
-        choose: TokenChooser | None = None,
+        self, inputs: DraftInputs, num_steps: int, choose: TokenChooser | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """The drafting loop for a batch of requests.
-
-        ctx_k/ctx_v [B, kvh, S, d]: encoder keys/values of the verified hidden
-        states h_0..h_n (ctx_valid [B, S] marks the real slots; None for Medusa). last_tokens
-        [B, 3] are (x_{n-1}, x_n, x_{n+1}) (x_{n+1} is the target's newest
-        token), next_position [B] is n+1 and anchor [B, H] is h_n.
-        Returns the drafted tokens [B, num_steps] and their logits [B, num_steps, V]
-        (None when choose is None: greedy drafting by the fused arg-max).
-        """
+        """The drafting loop for a batch of requests: the drafted tokens [B, num_steps] and their
+        logits [B, num_steps, V] (None when choose is None: greedy drafting by the fused arg-max)."""
         self.check_num_steps(num_steps)
-        tri, tokens, all_logits = last_tokens, [], []
-        mask = ctx_valid[:, None, :] if self.uses_context else None
+        parts, anchor, ctx_k, ctx_v = inputs.parts, inputs.anchor, inputs.ctx_k, inputs.ctx_v
+        tri, tokens, all_logits = inputs.last_tokens, [], []
+        mask = inputs.ctx_valid[:, None, :] if self.uses_context else None
         for k in range(num_steps):
             if not self.uses_context:  # the Medusa baseline
                 tok, logits = self._draft_tokens(k, None, anchor, parts, choose)
                 tokens.append(tok)
                 all_logits.append(logits)
                 continue
-            pos = (next_position + k)[:, None]
+            pos = (inputs.next_position + k)[:, None]
             e = self.trigram(tri, parts.embed_weight)[:, None]
             h_hat = self.encoder(e, pos, ctx_k, ctx_v, mask)
             tok, logits = self._draft_tokens(k, h_hat[:, 0], anchor, parts, choose)
@@ -401,40 +402,31 @@ class ChimeraDraft(nn.Module):
         return torch.stack(tokens, dim=1), logits
 
     @torch.no_grad()
-    def propose_tree(
-        self,
-        parts: TargetParts,
-        ctx_k: Tensor | None,
-        ctx_v: Tensor | None,
-        ctx_valid: Tensor,
-        last_tokens: Tensor,
-        next_position: Tensor,
-        anchor: Tensor,
-        tree: DraftTree,
-    ) -> Tensor:
+    def propose_tree(self, inputs: DraftInputs, tree: DraftTree) -> Tensor:
         """Greedy drafting of a token tree: [B, N], node i's token being the draft's
-        (path[-1])-th choice after the tokens of its ancestors (inputs as in :meth:`propose`).
+        (path[-1])-th choice after the tokens of its ancestors.
 
         Each depth is one encoder pass with the nodes that have children as its queries:
         they share the verified context and each sees its own path's earlier draft outputs,
         the entries the drafting loop would have appended for that path.
         """
         self.check_num_steps(tree.depth)
+        parts, anchor = inputs.parts, inputs.anchor
         B = anchor.shape[0]
         tokens = torch.empty(B, tree.num_nodes, dtype=torch.long, device=anchor.device)
-        trigrams = {-1: last_tokens}  # per expanding node: its path's last three tokens [B, 3]
+        trigrams = {-1: inputs.last_tokens}  # per expanding node: its path's last three tokens [B, 3]
         own: dict[int, tuple[Tensor, Tensor] | None] = {-1: None}  # its path's draft outputs' keys/values
         for depth in range(tree.depth):
             nodes = tree.expanding(depth)
             if self.uses_context:
                 e = self.trigram(torch.stack([trigrams[u] for u in nodes], dim=1), parts.embed_weight)
-                pos = (next_position + depth)[:, None].expand(B, len(nodes))
+                pos = (inputs.next_position + depth)[:, None].expand(B, len(nodes))
                 own_k = own_v = None
                 if depth:
                     own_k = torch.stack([own[u][0] for u in nodes], dim=2)  # [B, kvh, E, depth, d]
                     own_v = torch.stack([own[u][1] for u in nodes], dim=2)
-                mask = ctx_valid[:, None, :].expand(B, len(nodes), -1)
-                h_hat = self.encoder(e, pos, ctx_k, ctx_v, mask, own_k, own_v)
+                mask = inputs.ctx_valid[:, None, :].expand(B, len(nodes), -1)
+                h_hat = self.encoder(e, pos, inputs.ctx_k, inputs.ctx_v, mask, own_k, own_v)
                 features, rows = self.draft_vocab_product(depth, h_hat, anchor[:, None].expand_as(h_hat), parts)
                 new_k, new_v = self.encoder.context_kv(h_hat, pos)  # [B, kvh, E, d]
             else:  # Medusa: the heads read the anchor alone, the same for every node of a depth

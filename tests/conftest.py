@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from chimera_vllm.checkpoint import init_draft  # noqa: E402
-from chimera_vllm.model import ChimeraDraft  # noqa: E402
+from chimera_vllm.model import ChimeraDraft, DraftInputs  # noqa: E402
 from chimera_vllm.target import load_target, load_tokenizer  # noqa: E402
 from chimera_vllm.tiny import build_tiny_target, build_trained_pair  # noqa: E402
 
@@ -85,4 +85,5 @@ def draft_after(draft, parts, ids, hidden, n: int, num_steps: int, choose):
     t = ids[0].tolist()
     last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
     valid = torch.ones(1, n + 1, dtype=torch.bool)
-    return draft.propose(parts, ctx_k, ctx_v, valid, last3, torch.tensor([n + 1]), hidden[:, n], num_steps, choose)
+    inputs = DraftInputs(parts, ctx_k, ctx_v, valid, last3, torch.tensor([n + 1]), hidden[:, n])
+    return draft.propose(inputs, num_steps, choose)

@@ -148,10 +148,10 @@ def test_tree_propose_matches_the_chain_on_its_first_choices(trained_pair):
     decoder = SpeculativeDecoder(target, trained, 4)
     reqs = _Requests(grammar_prompts(tokenizer, 3, seed=7), 40, set())
     state = decoder._prefill(reqs)
-    args = (decoder.parts, state.ctx_k, state.ctx_v, state.valid, reqs.last_three(state.rows), state.next_pos)
-    chain, _ = trained.propose(*args, state.anchor, 4)
+    inputs = decoder._draft_inputs(reqs, state)
+    chain, _ = trained.propose(inputs, 4)
     tree = DraftTree.from_branching([2, 2, 2, 2])
-    nodes = trained.propose_tree(*args, state.anchor, tree)
+    nodes = trained.propose_tree(inputs, tree)
     first = [tree.paths.index((0,) * d) for d in range(1, 5)]
     assert torch.equal(nodes[:, first], chain)
 
