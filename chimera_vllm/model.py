@@ -432,7 +432,7 @@ class ChimeraDraft(nn.Module):
             else:  # Medusa: the heads read the anchor alone, the same for every node of a depth
                 features, rows = self.draft_vocab_product(depth, None, anchor, parts)
                 features = features[:, None].expand(B, len(nodes), -1)
-            top = F.linear(features, rows).topk(tree.max_rank(depth), dim=-1).indices  # [B, E, choices]
+            top = F.linear(features, rows).topk(tree.choices(depth), dim=-1).indices  # [B, E, choices]
             if self.draft_vocab is not None:
                 top = self.draft_vocab[top]
             column = {u: j for j, u in enumerate(nodes)}

@@ -130,8 +130,8 @@ class DraftTree:
             return [-1]
         return sorted({parent for path, parent in zip(self.paths, self.parents) if len(path) == depth + 1})
 
-    def max_rank(self, depth: int) -> int:
-        """How many of the draft's choices a node at `depth` needs: 1 + its largest child rank."""
+    def choices(self, depth: int) -> int:
+        """How many of the draft's best tokens the step at `depth` needs: 1 + the largest rank at depth + 1."""
         return 1 + max(p[-1] for p in self.paths if len(p) == depth + 1)
 
     def slot_depths(self, device: torch.device | str = "cpu") -> Tensor:

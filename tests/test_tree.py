@@ -26,7 +26,7 @@ def test_branching_tree_lists_every_path_parent_first():
     assert tree.parents == [-1, -1, 0, 0, 1, 1]
     assert tree.depth == 2 and tree.num_nodes == 6
     assert tree.expanding(0) == [-1] and tree.expanding(1) == [0, 1]
-    assert tree.max_rank(0) == 2 and tree.max_rank(1) == 2
+    assert tree.choices(0) == 2 and tree.choices(1) == 2
     assert tree.slot_depths().tolist() == [0, 1, 1, 2, 2, 2, 2]
 
 
