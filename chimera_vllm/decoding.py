@@ -128,6 +128,21 @@ class _DeviceState:
                 self.ctx_k, self.ctx_v = self.ctx_k[:, :, :-unused], self.ctx_v[:, :, :-unused]
 
 
+@dataclass(frozen=True)
+class _TreeSlots:
+    """A draft tree's slot tensors on the target's device, made once per decoder (slot 0 is the
+    pending token, slot i the tree's node i-1)."""
+
+    depths: Tensor  # [1+N]: each slot's position after the pending token's
+    seen: Tensor  # [1+N, 1+N]: slot i may attend to slot j
+    parents: Tensor  # [N]: each node's parent slot
+
+    @classmethod
+    def of(cls, tree: DraftTree, device: torch.device) -> _TreeSlots:
+        parents = torch.tensor([p + 1 for p in tree.parents], device=device)
+        return cls(tree.slot_depths(device), tree.visibility(device), parents)
+
+
 class SpeculativeDecoder:
     """Chimera speculative decoding (or plain decoding without a draft) on a transformers target."""
 
@@ -145,6 +160,7 @@ class SpeculativeDecoder:
         self.draft = draft
         self.parts = TargetParts.from_model(target)
         self.tree = tree
+        self.tree_slots = None if tree is None else _TreeSlots.of(tree, target.device)
         if draft is None:
             if tree is not None:
                 raise ValueError("a draft tree needs a draft")
@@ -299,13 +315,12 @@ class SpeculativeDecoder:
         """Draft the tree's nodes and verify them all in one target pass, each node seeing only
         its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
         Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes."""
-        tree, device = self.tree, self.target.device
-        nodes = self.draft.propose_tree(self._draft_inputs(reqs, state), tree)
+        slots, device = self.tree_slots, self.target.device
+        nodes = self.draft.propose_tree(self._draft_inputs(reqs, state), self.tree)
         ids = torch.cat([state.pending[:, None], nodes], dim=1)
         B, S, N1 = ids.shape[0], state.valid.shape[1], ids.shape[1]
-        depths = tree.slot_depths(device)
-        seen = tree.visibility(device)  # [1+N, 1+N]
-        positions = state.next_pos[:, None] + depths
+        seen = slots.seen
+        positions = state.next_pos[:, None] + slots.depths
         allowed = torch.cat([state.valid[:, None, :].expand(B, N1, S), seen.expand(B, N1, N1)], dim=2)
         dtype = self.target.dtype
         mask = torch.zeros(B, 1, N1, S + N1, dtype=dtype, device=device).masked_fill(
@@ -313,9 +328,9 @@ class SpeculativeDecoder:
         )
         hidden = final_hidden(self.target, ids, mask, positions, state.cache)
         choice = self._lm_head(hidden).argmax(dim=-1)  # [B, 1+N]: the target's token after each slot
-        parent_slot = torch.tensor([p + 1 for p in tree.parents], device=device)
-        agrees = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), nodes == choice[:, parent_slot]], dim=1)
+        root = torch.ones(B, 1, dtype=torch.bool, device=device)
+        agrees = torch.cat([root, nodes == choice[:, slots.parents]], dim=1)
         on_path = ~((~agrees)[:, None, :] & seen[None]).any(dim=2)  # every slot of its path agrees
-        last = (on_path * (depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
+        last = (on_path * (slots.depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
         kept = seen[last]
         return ids, positions, hidden, kept, choice[torch.arange(B, device=device), last]

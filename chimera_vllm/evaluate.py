@@ -238,10 +238,9 @@ def greedy_continuations(
     progress: bool = False,
 ) -> list[list[int]]:
     """The target's own greedy answers (plain decoding, batch_size prompts at a time)."""
-    outputs = []
+    outputs, decoder = [], SpeculativeDecoder(target)
     for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, unit="batch", desc="target"):
-        batch = prompts[start : start + batch_size]
-        outputs += SpeculativeDecoder(target).generate(batch, max_new_tokens, eos_token_ids)[0]
+        outputs += decoder.generate(prompts[start : start + batch_size], max_new_tokens, eos_token_ids)[0]
     return outputs
 
 
