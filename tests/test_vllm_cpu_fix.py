@@ -10,7 +10,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from chimera_vllm.vllm_cpu_fix import inverse_exponential_noise, sample_recovered_tokens  # noqa: E402
+from chimera_vllm.vllm_cpu_fix import (  # noqa: E402
+    inverse_exponential_noise,
+    sample_recovered_tokens,
+    sample_without_drafts,
+)
 
 
 def test_noise_is_exponential_for_requests_with_drafts_and_absent_for_the_rest():
@@ -72,3 +76,22 @@ def test_recovered_tokens_follow_the_target_distribution_without_the_draft_token
     observed = torch.bincount(recovered.long(), minlength=len(p)).float() / n
     assert observed[draft] == 0
     assert 0.5 * (observed - expected).abs().sum() < 0.015
+
+
+@pytest.mark.parametrize(
+    ("max_spec_len", "max_num_logprobs", "plain"),
+    [(0, None, True), (2, None, False), (0, 3, False)],
+)
+def test_only_a_step_without_drafts_or_logprobs_leaves_the_rejection_sampler_out(max_spec_len, max_num_logprobs, plain):
+    """The model runner's _sample gets no spec-decode metadata (vLLM's plain sampler) exactly when
+    no request has a draft token and no logprobs are asked for."""
+    seen = []
+    sample = sample_without_drafts(lambda runner, logits, metadata: seen.append(metadata))
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(sampling_metadata=SimpleNamespace(max_num_logprobs=max_num_logprobs))
+    )
+    metadata = SimpleNamespace(max_spec_len=max_spec_len)
+    sample(runner, torch.zeros(2, 5), metadata)
+    assert seen == [None if plain else metadata]
+    sample(runner, torch.zeros(2, 5), None)  # without speculation: untouched
+    assert seen[-1] is None
