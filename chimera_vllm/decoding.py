@@ -4,7 +4,8 @@ One loop serves plain decoding (no draft: one token per target step) and
 Chimera speculative decoding, with a chain of K drafts or a tree of them
 (chimera_vllm/tree.py). The batch keeps one slot per fed token in the target's
 KV cache; slots of rejected drafts stay behind as masked holes until no request
-needs the tail, which is then cropped. The draft's encoder keeps
+needs the tail, which is then cropped (a tree's kept path is first moved in front
+of its rejected siblings). The draft's encoder keeps
 keys/values of the verified hidden states in the same slots, under the same mask.
 """
 
@@ -116,6 +117,18 @@ class _DeviceState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[idx])
+
+    def reorder_tail(self, order: Tensor) -> None:
+        """Permute each row's last n cache slots by order [B, n] (before valid/ctx_k take them).
+        Positions travel with the keys (rotary embedding is applied before caching), and the
+        attention mask follows valid, so a slot's place in the cache carries no meaning."""
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                B, H, _, D = tensor.shape
+                index = order[:, None, :, None].expand(B, H, order.shape[1], D)
+                tail = tensor[:, :, -order.shape[1] :]
+                tail.copy_(tail.gather(2, index))
 
     def crop_tail(self) -> None:
         """Drop trailing slots that no running request still uses."""
@@ -314,7 +327,8 @@ class SpeculativeDecoder:
     def _verify_tree(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Draft the tree's nodes and verify them all in one target pass, each node seeing only
         its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
-        Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes."""
+        Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes, the
+        kept path first (the step's slots in the target's cache are reordered alike)."""
         slots, device = self.tree_slots, self.target.device
         nodes = self.draft.propose_tree(self._draft_inputs(reqs, state), self.tree)
         ids = torch.cat([state.pending[:, None], nodes], dim=1)
@@ -333,4 +347,11 @@ class SpeculativeDecoder:
         on_path = ~((~agrees)[:, None, :] & seen[None]).any(dim=2)  # every slot of its path agrees
         last = (on_path * (slots.depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
         kept = seen[last]
-        return ids, positions, hidden, kept, choice[torch.arange(B, device=device), last]
+        nxt = choice[torch.arange(B, device=device), last]
+        # The kept path to the front of the step's slots (parents come before children), so that
+        # its rejected siblings trail and are cropped like a chain's rejected drafts.
+        order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
+        state.reorder_tail(order)
+        ids, positions, kept = ids.gather(1, order), positions.gather(1, order), kept.gather(1, order)
+        hidden = hidden.gather(1, order[:, :, None].expand_as(hidden))
+        return ids, positions, hidden, kept, nxt
