@@ -3,7 +3,8 @@
 # target (greedy + SAMPLED_COPIES sampled answers per non-GSM8K prompt, GSM8K_PROMPTS greedy GSM8K
 # answers, and a greedy + MAGPIE_SAMPLED sampled answers to each prompt the target writes itself
 # out of MAGPIE_SAMPLES samples), training with the target's greedy labels, then the MT-bench
-# evaluation (K = 4), written to <draft>/eval.json.
+# evaluation (K = 4), written to <draft>/eval.json, and with a tree of TREE_NODES drafts (the
+# paper's protocol; built by make-tree on TREE_PROMPTS, never MT-bench), to <draft>/eval_tree.json.
 # Every stage resumes where it stopped: rerun the script after an interruption.
 #
 #   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
@@ -14,7 +15,8 @@
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
 # INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
 # HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
-# TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, PYTHON,
+# TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, TREE_NODES
+# (0: no tree evaluation), TREE_PROMPTS (default: 80 target-written training prompts), PYTHON,
 # TARGET_GGUF (the target's GGUF file, or its pieces in order, for a machine without PyPI).
 # Drafts that share RUN share its data: several can train at once.
 set -euo pipefail
@@ -42,6 +44,8 @@ read -ra TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 read -ra TARGET_GGUF <<< "${TARGET_GGUF:-}"
 DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
 EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
+TREE_NODES=${TREE_NODES:-64}
+TREE_PROMPTS=${TREE_PROMPTS:-}
 PYTHON=${PYTHON:-python3}
 TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
 NON_GSM8K=(data/self_instruct_seed_tasks.jsonl data/self_instruct_user_oriented.jsonl data/humaneval.jsonl.gz)
@@ -110,4 +114,18 @@ if [ ! -s "$DRAFT/eval.json" ]; then
     mv "$DRAFT/eval.tmp" "$DRAFT/eval.json"
 fi
 cat "$DRAFT/eval.json"
+
+if [ "$TREE_NODES" -gt 0 ] && [ ! -s "$DRAFT/eval_tree.json" ]; then
+    stage "evaluate with a tree of $TREE_NODES drafts (built on training prompts)"
+    if [ -z "$TREE_PROMPTS" ]; then
+        TREE_PROMPTS=$RUN/tree_prompts.jsonl
+        head -80 data/smollm2_written_prompts.jsonl > "$TREE_PROMPTS"
+    fi
+    cli make-tree --target $TARGET --draft "$DRAFT" --prompts "$TREE_PROMPTS" --nodes "$TREE_NODES" \
+        --device "$DEVICE" --batch-size 80 --out "$DRAFT/tree.json"
+    cli eval --target $TARGET --draft "$DRAFT" --prompts "$EVAL_PROMPTS" --tree "$DRAFT/tree.json" \
+        --device "$DEVICE" --batch-size 80 --json > "$DRAFT/eval_tree.tmp"
+    mv "$DRAFT/eval_tree.tmp" "$DRAFT/eval_tree.json"
+fi
+[ -s "$DRAFT/eval_tree.json" ] && cat "$DRAFT/eval_tree.json"
 stage done

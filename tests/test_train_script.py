@@ -39,6 +39,8 @@ def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tm
         TRAIN_ARGS="--kl-weight 1",
         DRAFT_NAME="continued",
         EVAL_PROMPTS=str(eval_prompts),
+        TREE_NODES="6",
+        TREE_PROMPTS=str(eval_prompts),  # at this scale; the default is 80 target-written prompts
     )
     run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, **knobs}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -49,3 +51,6 @@ def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tm
     result = json.loads((draft / "eval.json").read_text())
     # two warm-up steps leave the shipped draft as it was (τ 1.41 on this prompt, 2026-11-30)
     assert result["outputs_identical"] and result["mean_accepted_length"] >= 1.3, result
+    assert len(json.loads((draft / "tree.json").read_text())) == 6  # the tree's rank paths
+    tree = json.loads((draft / "eval_tree.json").read_text())
+    assert tree["outputs_identical"] and tree["mean_accepted_length"] > 1.0, tree
