@@ -19,9 +19,10 @@
 3. With a speculative config, vLLM's model runner sends every step through the rejection
    sampler, also a step in which no request has a draft (a batch-size schedule's K = 0, or
    n-gram finding no match): a copy of the logits, a second pass over them and the
-   rejection bookkeeping, ~1.5 ms a step for 64 requests (1.2% of a step, measured with
-   ``chimera-vllm profile-step``). Such a step, when no logprobs are asked for, samples
-   here as a step without speculation does; what it returns has the same shape, [batch, 1].
+   rejection bookkeeping, ~1.7 ms a step more than the plain sampler for 64 requests (1.5%
+   of a step under vLLM's profiler, :mod:`chimera_vllm.step_profile`). Such a step, when no
+   logprobs are asked for, samples here as a step without speculation does; what it returns
+   has the same shape, [batch, 1].
 """
 
 from __future__ import annotations
