@@ -263,18 +263,18 @@ class SpeculativeDecoder:
     def _step(self, reqs: _Requests, state: _DeviceState, stats: DecodeStats) -> None:
         """One target step: draft, verify, keep the accepted tokens and the target's next one."""
         if self.tree is not None:
-            ids, positions, hidden, kept, nxt = self._verify_tree(reqs, state)
+            ids, positions, hidden, accepted, nxt = self._verify_tree(reqs, state)
         else:
-            ids, positions, hidden, kept, nxt = self._verify_chain(reqs, state)
+            ids, positions, hidden, accepted, nxt = self._verify_chain(reqs, state)
         B, device = ids.shape[0], ids.device
-        last = kept.long().cumsum(dim=1).argmax(dim=1)  # the slot of the last kept token
-        accepted = kept.sum(dim=1) - 1  # drafts kept (the pending token always is)
+        # the pending token and the accepted drafts (a tree's kept path is already in front)
+        kept = torch.arange(ids.shape[1], device=device)[None] <= accepted[:, None]
         state.valid = torch.cat([state.valid, kept], dim=1)
         if state.ctx_k is not None:
             new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
             state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
             state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)
-        state.anchor = hidden[torch.arange(B, device=device), last]
+        state.anchor = hidden[torch.arange(B, device=device), accepted]
         state.next_pos = state.next_pos + 1 + accepted
         state.pending = nxt
 
@@ -285,12 +285,11 @@ class SpeculativeDecoder:
             stats.accepted_by_position[i] += int((accepted > i).sum())
 
         running = []
-        acc, nxt_list, id_list, kept_list = accepted.tolist(), nxt.tolist(), ids.tolist(), kept.tolist()
+        acc, nxt_list, draft_list = accepted.tolist(), nxt.tolist(), ids[:, 1:].tolist()
         for b, request in enumerate(state.rows):
             stats.steps_by_request[request] += 1
             stats.accepted_by_request[request] += acc[b]
-            drafts = [t for t, keep in zip(id_list[b][1:], kept_list[b][1:]) if keep]
-            if not reqs.emit(request, drafts + [nxt_list[b]]):
+            if not reqs.emit(request, draft_list[b][: acc[b]] + [nxt_list[b]]):
                 running.append(b)
         if len(running) < B:
             state.keep(running)
@@ -303,8 +302,8 @@ class SpeculativeDecoder:
     def _verify_chain(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Draft K tokens (none without a draft) and verify them after the pending token.
 
-        Returns the fed ids [B, 1+K], their positions, the target's hidden states there, which
-        slots are kept [B, 1+K] (the pending token and the accepted drafts) and the next token [B]."""
+        Returns the fed ids [B, 1+K], their positions, the target's hidden states there, how many
+        drafts are accepted [B] (they follow the pending token) and the next token [B]."""
         K, device = self.k, self.target.device
         if K:
             chooser = None if self.sampler.greedy else self.sampler.choose
@@ -321,14 +320,14 @@ class SpeculativeDecoder:
             accepted, nxt = self.sampler.verify(drafts, draft_logits, logits)
         else:
             accepted, nxt = torch.zeros(B, dtype=torch.long, device=device), self.sampler.sample(logits[:, 0])
-        kept = torch.arange(K + 1, device=device)[None] <= accepted[:, None]
-        return ids, positions, hidden, kept, nxt
+        return ids, positions, hidden, accepted, nxt
 
     def _verify_tree(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Draft the tree's nodes and verify them all in one target pass, each node seeing only
         its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
-        Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes, the
-        kept path first (the step's slots in the target's cache are reordered alike)."""
+        Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes with
+        the kept path first (the step's slots in the target's cache are reordered alike), so that
+        the drafts accepted are the slots after the root, as in a chain."""
         slots, device = self.tree_slots, self.target.device
         nodes = self.draft.propose_tree(self._draft_inputs(reqs, state), self.tree)
         ids = torch.cat([state.pending[:, None], nodes], dim=1)
@@ -352,6 +351,6 @@ class SpeculativeDecoder:
         # its rejected siblings trail and are cropped like a chain's rejected drafts.
         order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
         state.reorder_tail(order)
-        ids, positions, kept = ids.gather(1, order), positions.gather(1, order), kept.gather(1, order)
+        ids, positions = ids.gather(1, order), positions.gather(1, order)
         hidden = hidden.gather(1, order[:, :, None].expand_as(hidden))
-        return ids, positions, hidden, kept, nxt
+        return ids, positions, hidden, slots.depths[last], nxt
