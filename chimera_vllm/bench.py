@@ -27,6 +27,7 @@ from .vllm_engine import (
     make_llm,
     medusa_spec,
     ngram_spec,
+    openmp_runtime,
     warm_up,
 )
 
@@ -437,11 +438,13 @@ def cpu_description(cpuinfo: str | None = None) -> str:
 
 def run_info(command: str) -> dict:
     """When, where and with what a benchmark ran: the header of every report. The command carries
-    the vLLM CPU backend's settings in effect (VLLM_CPU_*: threads, cores, KV cache), which set its speed."""
+    the vLLM CPU backend's settings in effect (VLLM_CPU_*: threads, cores, KV cache), which set its speed,
+    and on a CPU the OpenMP runtime its engines ran on."""
     import torch
     import vllm
 
     settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]
+    openmp = {} if torch.cuda.is_available() else {"openmp": openmp_runtime()}
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs",
@@ -449,6 +452,7 @@ def run_info(command: str) -> dict:
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "command": " ".join([*settings, command]),
+        **openmp,
     }
 
 

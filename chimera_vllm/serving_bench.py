@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import httpx
 
 from .bench import Method, markdown, ratio_cell
 from .prompts import read_prompts
+from .vllm_engine import preload_intel_openmp
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "tpot", "e2el")
@@ -117,13 +119,20 @@ def server_command(target: str, spec: dict | None, server_args: list[str]) -> li
 def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended).
 
-    Yields its base URL and process once /health answers; stops it with SIGTERM on exit.
+    Yields its base URL and process once /health answers; stops it with SIGTERM on exit. On a
+    CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm_engine.preload_intel_openmp`).
     Fails with the server's last log lines if it exits or is not healthy within timeout_s.
     """
     port = free_port()
+    env = dict(os.environ)
+    preload_intel_openmp(env)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, text=True
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         base = f"http://127.0.0.1:{port}"
         try:

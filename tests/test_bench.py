@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import platform
+import sys
 
 import pytest
+import torch
 
+from chimera_vllm import vllm_engine
 from chimera_vllm.bench import Method, Row, add_ratios, cpu_description, identity, tuned_schedule
+from chimera_vllm.vllm_engine import openmp_runtime, preload_intel_openmp
 
 
 def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") -> Row:
@@ -108,3 +113,50 @@ def test_a_reports_command_carries_the_vllm_cpu_settings_it_ran_under(monkeypatc
     assert (
         run_info("chimera-vllm bench --out X")["command"] == "VLLM_CPU_NUM_OF_RESERVED_CPU=0 chimera-vllm bench --out X"
     )
+
+
+on_linux_x86 = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="Intel's OpenMP is preloaded on Linux x86 only"
+)
+
+
+@pytest.fixture
+def intel_openmp(tmp_path, monkeypatch):
+    """An environment prefix with vllm-cpu's Intel OpenMP in lib/, on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    return tmp_path
+
+
+@on_linux_x86
+def test_intel_openmp_is_preloaded_before_other_libraries_unless_an_openmp_runtime_is_named(intel_openmp):
+    library = str(intel_openmp / "lib" / "libiomp5.so")
+    env = {}
+    assert preload_intel_openmp(env, str(intel_openmp)) and env == {"LD_PRELOAD": library}
+    assert not preload_intel_openmp(env, str(intel_openmp)) and env == {"LD_PRELOAD": library}  # once
+    env = {"LD_PRELOAD": "/x/libtcmalloc.so"}
+    assert preload_intel_openmp(env, str(intel_openmp)) and env["LD_PRELOAD"] == f"{library}:/x/libtcmalloc.so"
+    for chosen in ("/torch.libs/libgomp-a34b3233.so.1", "/opt/llvm/lib/libomp.so", "/opt/intel/libiomp5.so"):
+        env = {"LD_PRELOAD": chosen}
+        assert not preload_intel_openmp(env, str(intel_openmp)) and env == {"LD_PRELOAD": chosen}
+
+
+@on_linux_x86
+def test_nothing_is_preloaded_without_the_library_or_on_a_gpu_machine(intel_openmp, tmp_path_factory, monkeypatch):
+    env = {}
+    assert not preload_intel_openmp(env, str(tmp_path_factory.mktemp("no_lib"))) and env == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not preload_intel_openmp(env, str(intel_openmp)) and env == {}
+
+
+@on_linux_x86
+def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypatch):
+    from chimera_vllm.bench import run_info
+
+    monkeypatch.setattr(vllm_engine.sys, "prefix", str(intel_openmp))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert openmp_runtime() == run_info("x")["openmp"] == "intel"
+    assert "LD_PRELOAD" not in os.environ  # only engines started later get it
+    monkeypatch.setenv("LD_PRELOAD", "/torch.libs/libgomp-a34b3233.so.1")
+    assert run_info("x")["openmp"] == "gnu"

