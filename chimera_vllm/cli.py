@@ -358,6 +358,8 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not),
     on a CPU with Intel's OpenMP preloaded (vllm_engine.preload_intel_openmp)."""
+    from .vllm_engine import preload_intel_openmp
+
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
     spec = None
     if args.lookup_tokens and not args.draft:
@@ -374,8 +376,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         method = Method.chimera(draft_tokens, args.lookup_tokens, args.max_speculative_batch)
         spec = method.spec({"chimera": args.draft})
     cmd += (["--speculative-config", json.dumps(spec)] if spec else []) + args.vllm_args
-    from .vllm_engine import preload_intel_openmp
-
     preload_intel_openmp()
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
