@@ -43,7 +43,9 @@ class Method:
 
     "chimera+ngram:K:D" is the Chimera draft with prompt lookup beside it: the lookup's
     drafts where it finds a match (up to K tokens), D tokens of the draft model elsewhere
-    ("chimera+ngram:K" for D = K). "hf" is an outside baseline, not a vLLM engine:
+    ("chimera+ngram:K" for D = K). A "@N" suffix on a Chimera method ("chimera:2@4") speculates
+    only while at most N requests run (vLLM's batch-size schedule, K = 0 above; what
+    ``chimera-vllm serve --max-speculative-batch N`` runs). "hf" is an outside baseline, not a vLLM engine:
     transformers' ``generate``, one request at a time (what a single-user CPU setup might
     run instead of vLLM).
     """
@@ -56,17 +58,23 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        name, _, rest = text.partition(":")
+        method, at, max_batch = text.partition("@")
+        name, _, rest = method.partition(":")
         k, _, draft_k = rest.partition(":")
         valid = (
             name in METHODS
             and (name in ("none", "hf")) == (k == "")
             and (draft_k == "" or name == HYBRID)
             and all(part.isdigit() for part in (k, draft_k) if part)
+            and (not at or (name in ("chimera", HYBRID) and max_batch.isdigit() and int(max_batch) > 0))
         )
         if not valid:
-            raise ValueError(f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K")
-        return cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
+            raise ValueError(
+                f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K; "
+                "chimera methods take @N to speculate only while at most N (>= 1) requests run"
+            )
+        method = cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
+        return method.up_to_batch(int(max_batch)) if at else method
 
     @classmethod
     def chimera(cls, draft_tokens: int, lookup_tokens: int = 0, max_batch: int | None = None) -> Method:
@@ -78,18 +86,31 @@ class Method:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"--max-speculative-batch must be 1 or more, got {max_batch}")
         k = max(lookup_tokens, draft_tokens)
-        schedule = None if max_batch is None else ((1, max_batch, k), (max_batch + 1, ANY_BATCH, 0))
-        if lookup_tokens == 0:
-            return cls("chimera", k, schedule)
-        return cls(HYBRID, k, schedule, draft_tokens)
+        method = cls("chimera", k) if lookup_tokens == 0 else cls(HYBRID, k, draft_k=draft_tokens)
+        return method if max_batch is None else method.up_to_batch(max_batch)
+
+    def up_to_batch(self, max_batch: int) -> Method:
+        """This method while at most max_batch requests run, no speculation above."""
+        return replace(self, schedule=((1, max_batch, self.k), (max_batch + 1, ANY_BATCH, 0)))
 
     def __str__(self) -> str:
         if self.name == HYBRID:
             text = f"{self.name}:{self.k}" + (f":{self.draft_k}" if self.draft_k is not None else "")
-            return f"{text}:auto" if self.schedule else text
-        if self.schedule:
-            return f"{self.name}:auto"
-        return self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
+        else:
+            text = self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
+        if self.schedule is None:
+            return text
+        max_batch = self.max_speculative_batch()
+        if max_batch is not None:
+            return f"{text}@{max_batch}"
+        return f"{text}:auto" if self.name == HYBRID else f"{self.name}:auto"
+
+    def max_speculative_batch(self) -> int | None:
+        """N where the schedule is K up to N requests and off above (up_to_batch's), else None;
+        such a schedule prints as "@N" whether given or tuned, others as ":auto"."""
+        if self.schedule is not None and self.schedule == self.up_to_batch(self.schedule[0][1]).schedule:
+            return self.schedule[0][1]
+        return None
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
         """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
@@ -129,7 +150,7 @@ def tuned_schedule(
     def schedulable(method: str) -> bool:
         if hybrid is not None and method == str(hybrid):
             return True
-        name, _, k = method.partition(":")  # chimera:K rows; not chimera:auto
+        name, _, k = method.partition(":")  # chimera:K rows; not chimera:auto or chimera:K@N
         return name == "chimera" and k.isdigit() and (hybrid is None or int(k) <= (hybrid.draft_k or hybrid.k))
 
     entries, first = [], 1

@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["none", "ngram:4", "chimera:4"],
         help="none, ngram:K, chimera:K, chimera+ngram:K[:D] (prompt lookup beside the draft, D draft-model tokens), "
-        "medusa:K, hf (transformers generate at batch 1)",
+        "medusa:K, hf (transformers generate at batch 1); chimera methods take @N: speculate only while at most "
+        "N requests run (chimera:2@4)",
     )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     b.add_argument("--dtypes", nargs="+", default=["bfloat16"])
@@ -615,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["none", "chimera:2"],
-        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K",
+        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
+        "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)",
     )
     bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
@@ -642,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["none", "chimera:2"],
-        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K",
+        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
+        "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)",
     )
     pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     pp.add_argument(

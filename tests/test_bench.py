@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chimera_vllm import vllm_engine
-from chimera_vllm.bench import Method, Row, add_ratios, cpu_description, identity, tuned_schedule
+from chimera_vllm.bench import ANY_BATCH, Method, Row, add_ratios, cpu_description, identity, tuned_schedule
 from chimera_vllm.vllm_engine import openmp_runtime, preload_intel_openmp
 
 
@@ -21,9 +21,18 @@ def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") ->
 def test_methods_parse_and_print():
     assert str(Method.parse("chimera:3")) == "chimera:3" and Method.parse("hf") == Method("hf")
     assert str(Method("chimera", 3, ((1, 4, 3), (5, 9, 0)))) == "chimera:auto"
-    for bad in ("chimera", "none:2", "eagle:3", "hf:1"):
+    for bad in ("chimera", "none:2", "eagle:3", "hf:1", "ngram:4@2", "chimera:2@0", "chimera:2@"):
         with pytest.raises(ValueError, match=bad):
             Method.parse(bad)
+
+
+def test_a_chimera_method_limited_to_a_batch_size_is_what_serve_runs_and_prints_back():
+    hybrid = Method.parse("chimera+ngram:6:2@4")
+    assert hybrid == Method.chimera(2, 6, max_batch=4)  # chimera-vllm serve --lookup-tokens 6 --max-speculative-batch 4
+    assert str(hybrid) == "chimera+ngram:6:2@4" and str(Method.parse("chimera:2@1")) == "chimera:2@1"
+    spec = hybrid.spec({"chimera": "draft"})
+    assert spec["num_speculative_tokens"] == 6 and spec["chimera_num_speculative_tokens"] == 2
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 4, 6], [5, ANY_BATCH, 0]]
 
 
 def test_tuned_schedule_takes_the_fastest_k_per_batch_size_and_zero_where_speculation_loses():
