@@ -80,6 +80,7 @@ def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
         (["--concurrency", "0"], "concurrency 0"),
         (["--request-rates", "0"], "request rate 0"),
         (["--methods", "hf"], "method hf"),
+        (["--methods", "ngram:4@2"], "chimera methods take @N"),
         (["--concurrency", "--request-rates"], "no loads"),
     ],
 )
