@@ -29,7 +29,7 @@ def _load_inputs(args: argparse.Namespace):
 
 
 TREE_HELP = (
-    "draft a tree of tokens each step (greedy, the reference decoder): branching factors per depth "
+    "draft a tree of tokens each step (the reference decoder): branching factors per depth "
     "(3,2,1,1) or a JSON file of rank paths (chimera-vllm make-tree)"
 )
 

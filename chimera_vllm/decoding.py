@@ -168,7 +168,7 @@ class SpeculativeDecoder:
         seed: int = 0,
         tree: DraftTree | None = None,
     ):
-        """tree: draft and verify a token tree each step (greedy only) instead of a chain of K tokens."""
+        """tree: draft and verify a token tree each step instead of a chain of K tokens."""
         self.target = target
         self.draft = draft
         self.parts = TargetParts.from_model(target)
@@ -181,8 +181,6 @@ class SpeculativeDecoder:
         else:
             draft.config.check_target(target.config)
             if tree is not None:
-                if temperature != 0:
-                    raise ValueError(f"tree drafting verifies greedily: use temperature 0, not {temperature}")
                 if num_speculative_tokens not in (None, tree.depth):
                     raise ValueError(
                         f"num_speculative_tokens={num_speculative_tokens} but the draft tree is {tree.depth} deep"
@@ -324,7 +322,8 @@ class SpeculativeDecoder:
 
     def _verify_tree(self, reqs: _Requests, state: _DeviceState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Draft the tree's nodes and verify them all in one target pass, each node seeing only
-        its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose.
+        its ancestors (a 4-D mask); greedy: keep the deepest node whose whole path the target chose,
+        else the path :meth:`TokenSampler.verify_tree` samples.
         Returns what :meth:`_verify_chain` does, for the 1+N slots of the root and the nodes with
         the kept path first (the step's slots in the target's cache are reordered alike), so that
         the drafts accepted are the slots after the root, as in a chain."""
@@ -340,13 +339,17 @@ class SpeculativeDecoder:
             ~allowed[:, None], torch.finfo(dtype).min
         )
         hidden = final_hidden(self.target, ids, mask, positions, state.cache)
-        choice = self._lm_head(hidden).argmax(dim=-1)  # [B, 1+N]: the target's token after each slot
-        root = torch.ones(B, 1, dtype=torch.bool, device=device)
-        agrees = torch.cat([root, nodes == choice[:, slots.parents]], dim=1)
-        on_path = ~((~agrees)[:, None, :] & seen[None]).any(dim=2)  # every slot of its path agrees
-        last = (on_path * (slots.depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
+        logits = self._lm_head(hidden)
+        if self.sampler.greedy:
+            choice = logits.argmax(dim=-1)  # [B, 1+N]: the target's token after each slot
+            root = torch.ones(B, 1, dtype=torch.bool, device=device)
+            agrees = torch.cat([root, nodes == choice[:, slots.parents]], dim=1)
+            on_path = ~((~agrees)[:, None, :] & seen[None]).any(dim=2)  # every slot of its path agrees
+            last = (on_path * (slots.depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
+            nxt = choice[torch.arange(B, device=device), last]
+        else:
+            last, nxt = self.sampler.verify_tree(nodes, self.tree.children, logits)
         kept = seen[last]
-        nxt = choice[torch.arange(B, device=device), last]
         # The kept path to the front of the step's slots (parents come before children), so that
         # its rejected siblings trail and are cropped like a chain's rejected drafts.
         order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices

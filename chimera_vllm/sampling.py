@@ -4,6 +4,10 @@ Speculative sampling (Leviathan et al., Chen et al.): draft token x ~ q is kept
 with probability min(1, p(x)/q(x)); at the first rejection a token is drawn from
 norm(max(p - q, 0)); when every draft is kept a bonus token is drawn from p.
 The emitted sequence is then distributed exactly as sampling from the target.
+
+A tree's nodes are the draft's top choices, not samples from it: each is a proposal
+with all its mass on one token, so the same rule keeps it with probability p(x) and
+leaves norm(p without x) for the next sibling (:meth:`TokenSampler.verify_tree`).
 """
 
 from __future__ import annotations
@@ -68,3 +72,42 @@ class TokenSampler:
         dist = torch.where(empty, p[rows, accepted], dist)
         next_token = torch.multinomial(dist, 1, generator=self.generator)[:, 0]
         return accepted, next_token
+
+    def verify_tree(self, nodes: Tensor, children: list[list[int]], target_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Sampling over a tree of drafts (:class:`~chimera_vllm.tree.DraftTree`): from the root, a
+        slot's children are tried in rank order, each kept with the target's probability of its token
+        once the siblings tried before it are ruled out; the first one kept is the path's next slot.
+        Where none is kept (or at a leaf), the next token is drawn from what remains of the target's
+        distribution there. Each try is rejection sampling from a one-token proposal, so the emitted
+        tokens are distributed exactly as sampling from the target.
+
+        nodes [B, N] (node i in slot i + 1), children: each slot's child slots in rank order (slot 0
+        the root), target_logits [B, 1+N, V]. Returns (the last kept slot [B], next token [B])."""
+        p = self.probs(target_logits)
+        B, device = nodes.shape[0], nodes.device
+        rows = torch.arange(B, device=device)
+        width = max(len(c) for c in children)
+        kids = torch.tensor([c + [-1] * (width - len(c)) for c in children], device=device)  # [1+N, width]
+        u = torch.rand(B, nodes.shape[1], generator=self.generator, device=device)  # a node is tried once at most
+        slot = torch.zeros(B, dtype=torch.long, device=device)
+        searching = torch.ones(B, dtype=torch.bool, device=device)
+        remaining = p[:, 0].clone()
+        while searching.any():
+            remaining = torch.where(searching[:, None], p[rows, slot], remaining)
+            moved = torch.zeros_like(searching)
+            for rank in range(width):
+                child = kids[slot, rank]
+                node = (child - 1).clamp(min=0)
+                token = nodes[rows, node]
+                mass = remaining.sum(dim=-1)
+                p_token = remaining[rows, token] / mass.clamp(min=torch.finfo(mass.dtype).tiny)
+                trying = searching & ~moved & (child >= 0)
+                keep = trying & (u[rows, node] < p_token)
+                remaining[rows[trying & ~keep], token[trying & ~keep]] = 0
+                slot = torch.where(keep, child, slot)
+                moved |= keep
+            searching = moved
+        # If every token with mass was tried and refused (only by float rounding), draw from p there.
+        empty = remaining.sum(dim=-1, keepdim=True) <= 0
+        remaining = torch.where(empty, p[rows, slot], remaining)
+        return slot, torch.multinomial(remaining, 1, generator=self.generator)[:, 0]

@@ -124,6 +124,14 @@ class DraftTree:
         index = {p: i for i, p in enumerate(self.paths)}
         return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
 
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """Each slot's child slots in rank order (slot 0 is the root, slot i the node i-1)."""
+        kids: list[list[int]] = [[] for _ in range(self.num_nodes + 1)]
+        for i, parent in enumerate(self.parents, start=1):  # siblings are listed by rank
+            kids[parent + 1].append(i)
+        return kids
+
     def expanding(self, depth: int) -> list[int]:
         """The nodes at `depth` that have children, in order; depth 0 is the root alone ([-1])."""
         if depth == 0:

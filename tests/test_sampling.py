@@ -12,6 +12,7 @@ from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.decoding import SpeculativeDecoder
 from chimera_vllm.sampling import TokenSampler
 from chimera_vllm.tiny import tiny_target_config
+from chimera_vllm.tree import DraftTree
 
 VOCAB = 6
 PROMPT = [1, 3, 2, 5]
@@ -64,6 +65,46 @@ def test_speculative_sampling_matches_target_distribution(small_vocab_target, se
     decoder = SpeculativeDecoder(small_vocab_target, draft, 2, temperature=temperature, seed=seed)
     exact = exact_distribution(small_vocab_target, temperature)
     assert total_variation(empirical_distribution(decoder), exact) < TV_TOLERANCE
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("branching", [[2, 2], [3, 1]])
+def test_sampling_over_a_draft_tree_matches_target_distribution(small_vocab_target, seed, branching):
+    """The tree's nodes are the draft's top choices; tokens 2 and 3 come from one tree step."""
+    draft = init_draft(small_vocab_target, "tiny", num_heads=2, seed=seed)
+    decoder = SpeculativeDecoder(
+        small_vocab_target, draft, tree=DraftTree.from_branching(branching), temperature=1.0, seed=seed
+    )
+    exact = exact_distribution(small_vocab_target, 1.0)
+    assert total_variation(empirical_distribution(decoder), exact) < TV_TOLERANCE
+
+
+def test_the_tree_check_catches_a_sampler_that_keeps_every_first_choice(small_vocab_target, monkeypatch):
+    """Negative control: keeping the first child down the tree without the target's test."""
+    draft = init_draft(small_vocab_target, "tiny", num_heads=2, seed=0)
+    decoder = SpeculativeDecoder(small_vocab_target, draft, tree=DraftTree.from_branching([2, 2]), temperature=1.0)
+
+    def first_children(nodes, children, target_logits):
+        slot = torch.full((nodes.shape[0],), children[children[0][0]][0])
+        return slot, decoder.sampler.sample(target_logits[:, slot[0]])
+
+    monkeypatch.setattr(decoder.sampler, "verify_tree", first_children)
+    exact = exact_distribution(small_vocab_target, 1.0)
+    assert total_variation(empirical_distribution(decoder), exact) > 2 * TV_TOLERANCE
+
+
+def test_a_tree_step_keeps_a_child_with_the_targets_probability_once_earlier_siblings_are_refused():
+    """Root children are tokens 0 and 1; the target's root distribution is p. P(keep child 1) =
+    (1 - p0) * p1 / (1 - p0); every other token is drawn from p without 0 and 1."""
+    p = torch.tensor([0.5, 0.3, 0.2])
+    sampler = TokenSampler(1.0, seed=0)
+    n = 20000
+    nodes = torch.tensor([[0, 1]]).expand(n, 2)
+    logits = p.log().expand(n, 3, 3)  # every slot's distribution is p (children of the root only)
+    slot, nxt = sampler.verify_tree(nodes, [[1, 2], [], []], logits)
+    kept_first, kept_second = (slot == 1).float().mean(), (slot == 2).float().mean()
+    assert abs(float(kept_first) - 0.5) < 0.02 and abs(float(kept_second) - 0.3) < 0.02
+    assert bool((nxt[slot == 0] == 2).all())  # refused both: only token 2 remains
 
 
 def test_the_check_catches_a_sampler_that_keeps_every_draft(small_vocab_target, monkeypatch):

@@ -112,11 +112,13 @@ def test_wider_tree_accepts_more_and_stays_lossless(trained_pair):
     assert stats.to_dict()["mean_accepted_length"] > chain.to_dict()["mean_accepted_length"]
 
 
-def test_tree_step_keeps_exactly_the_verified_tokens(trained_pair):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tree_step_keeps_exactly_the_verified_tokens(trained_pair, temperature):
     """Batch of one: after every step the cache holds the verified tokens and nothing else, also
-    where the kept path ran behind a rejected sibling (it moves to the front; the rest is cropped)."""
+    where the kept path ran behind a rejected sibling (it moves to the front; the rest is cropped),
+    greedy or sampled."""
     _, target, tokenizer, _, trained = trained_pair
-    decoder = SpeculativeDecoder(target, trained, tree=DraftTree.from_branching([2, 2, 1, 1]))
+    decoder = SpeculativeDecoder(target, trained, tree=DraftTree.from_branching([2, 2, 1, 1]), temperature=temperature)
     reqs = _Requests(grammar_prompts(tokenizer, 1, seed=1), 40, set())
     state = decoder._prefill(reqs)
     stats = DecodeStats.zeros(4, 1)
@@ -135,11 +137,9 @@ def test_tree_step_keeps_exactly_the_verified_tokens(trained_pair):
     assert behind_a_sibling > 0, "the test needs a kept node behind a rejected sibling"
 
 
-def test_tree_needs_greedy_a_draft_and_enough_heads(trained_pair):
+def test_tree_needs_a_draft_and_enough_heads(trained_pair):
     _, target, _, _, trained = trained_pair
     tree = DraftTree.from_branching([2, 1])
-    with pytest.raises(ValueError, match="temperature 0, not 0.7"):
-        SpeculativeDecoder(target, trained, tree=tree, temperature=0.7)
     with pytest.raises(ValueError, match="needs a draft"):
         SpeculativeDecoder(target, tree=tree)
     with pytest.raises(ValueError, match="num_speculative_tokens=3 but the draft tree is 2 deep"):
