@@ -132,6 +132,16 @@ class Method:
         return None
 
 
+def parse_methods(texts: list[str]) -> list[Method]:
+    """The methods of a --methods list, each once (a second engine of the same method would only
+    overwrite the first one's row or trace)."""
+    methods = [Method.parse(text) for text in texts]
+    for i, (text, method) in enumerate(zip(texts, methods)):
+        if method in methods[:i]:
+            raise ValueError(f"method {text!r} is listed twice in --methods")
+    return methods
+
+
 def tuned_schedule(
     rows: list[Row], dtype: str, hybrid: Method | None = None
 ) -> tuple[tuple[int, int, int], ...] | None:

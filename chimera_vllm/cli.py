@@ -259,11 +259,11 @@ def cmd_drafts(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import Method, markdown_table, run, write_report
+    from .bench import markdown_table, parse_methods, run, write_report
     from .prompts import encode_prompts
     from .target import eos_token_ids, generation_config, load_tokenizer
 
-    methods = [Method.parse(m) for m in args.methods]
+    methods = parse_methods(args.methods)
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts]
     rows = run(
@@ -295,14 +295,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_serving(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import Method
+    from .bench import parse_methods
     from .serving_bench import Load, markdown_table, run, server_args, write_report
 
     loads = [Load(concurrency=c) for c in args.concurrency] + [Load(request_rate=r) for r in args.request_rates]
     rows = run(
         args.target,
         {"chimera": args.draft, "medusa": args.medusa},
-        [Method.parse(m) for m in args.methods],
+        parse_methods(args.methods),
         loads,
         args.prompts,
         args.num_prompts,
@@ -322,21 +322,26 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
 def cmd_profile_step(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import Method
+    from .bench import parse_methods
     from .prompts import encode_prompts
     from .step_profile import markdown_table, profile_engine, write_report
     from .target import eos_token_ids, generation_config, load_tokenizer
 
+    out = Path(args.out)
+    methods = dict(zip(args.methods, parse_methods(args.methods)))
+    traces = {text: out.with_name(f"{out.name}-traces") / text.replace(":", "-") for text in methods}
+    for trace_dir in traces.values():
+        if trace_dir.exists():
+            raise ValueError(f"{trace_dir} exists: profile-step writes each trace to a new folder; give another --out")
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)[: args.num_prompts or args.batch_size]
-    out = Path(args.out)
     profiles = {
-        method: profile_engine(
+        text: profile_engine(
             args.target,
-            Method.parse(method),
+            method,
             {"chimera": args.draft, "medusa": args.medusa},
             prompts,
-            out.with_name(f"{out.name}-traces") / method.replace(":", "-"),
+            traces[text],
             args.dtype,
             args.batch_size,
             args.max_new_tokens,
@@ -345,7 +350,7 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
             args.temperature,
             max_model_len=args.max_model_len,
         )
-        for method in args.methods
+        for text, method in methods.items()
     }
     print(markdown_table(profiles))
     command = "chimera-vllm " + " ".join(sys.argv[1:])

@@ -81,6 +81,7 @@ def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
         (["--request-rates", "0"], "request rate 0"),
         (["--methods", "hf"], "method hf"),
         (["--methods", "ngram:4@2"], "chimera methods take @N"),
+        (["--methods", "none", "chimera:2@4", "chimera:2@4"], "method 'chimera:2@4' is listed twice"),
         (["--concurrency", "--request-rates"], "no loads"),
     ],
 )
@@ -139,3 +140,17 @@ def test_serve_passes_the_drafts_speculative_config_to_vllms_server(argv, spec, 
         "model": resolve_draft("smollm2-135m-instruct"),
         **spec,
     }
+
+
+@pytest.mark.parametrize("command", ["bench", "profile-step"])
+def test_benchmarks_refuse_a_method_listed_twice_before_starting_an_engine(command, tmp_path, capsys):
+    argv = [command, "--target", "unused", "--methods", "none", "ngram:4", "none", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert "method 'none' is listed twice" in capsys.readouterr().err
+
+
+def test_profile_step_refuses_an_out_whose_traces_exist_before_starting_an_engine(tmp_path, capsys):
+    (tmp_path / "prof-traces" / "chimera-2@4").mkdir(parents=True)
+    argv = ["profile-step", "--target", "unused", "--methods", "none", "chimera:2@4", "--out", str(tmp_path / "prof")]
+    assert cli.main(argv) == 2
+    assert f"{tmp_path / 'prof-traces' / 'chimera-2@4'} exists" in capsys.readouterr().err
