@@ -10,7 +10,9 @@
 #   RUN=runs/gpu bash scripts/train_smollm2_gpu.sh
 #
 # Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
-# GSM8K_PROMPTS, MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
+# GSM8K_PROMPTS, PROMPT_FILES (more prompt files, one greedy answer each; PROMPT_LIMIT: a seeded
+# sample of that many of their prompts, e.g. of data/smollm2_written_prompts*.jsonl),
+# MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
 # target-written requests, e.g. data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
 # BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
 # INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
@@ -27,6 +29,8 @@ GREEDY=${GREEDY:-1}
 SAMPLED_COPIES=${SAMPLED_COPIES:-16}
 SEED=${SEED:-1}
 GSM8K_PROMPTS=${GSM8K_PROMPTS:-3000}
+read -ra PROMPT_FILES <<< "${PROMPT_FILES:-}"
+PROMPT_LIMIT=${PROMPT_LIMIT:-}
 MAGPIE_SAMPLES=${MAGPIE_SAMPLES:-0}
 MAGPIE_SAMPLED=${MAGPIE_SAMPLED:-1}
 MAGPIE_OPENERS=${MAGPIE_OPENERS:-}
@@ -78,6 +82,11 @@ if [ "$GSM8K_PROMPTS" -gt 0 ]; then
     stage "greedy answers, $GSM8K_PROMPTS GSM8K prompts"
     answer greedy_gsm8k.jsonl data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
     parts+=("$RUN/greedy_gsm8k.jsonl")
+fi
+if [ ${#PROMPT_FILES[@]} -gt 0 ]; then
+    stage "greedy answers, ${PROMPT_FILES[*]}${PROMPT_LIMIT:+ (a sample of $PROMPT_LIMIT prompts)}"
+    answer greedy_prompts.jsonl "${PROMPT_FILES[@]}" ${PROMPT_LIMIT:+--limit "$PROMPT_LIMIT"}
+    parts+=("$RUN/greedy_prompts.jsonl")
 fi
 if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
     stage "prompts written by the target: $MAGPIE_SAMPLES samples of its user turn"

@@ -29,6 +29,7 @@ TRAINING_SETS = [
     "self_instruct_user_oriented.jsonl",
     "humaneval.jsonl.gz",
     "smollm2_written_prompts.jsonl",
+    "smollm2_written_prompts_steered.jsonl",
 ]
 
 
@@ -121,8 +122,10 @@ def test_an_mt_bench_turn_is_refused_as_training_prompt(llama_dir, tmp_path):
 def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
     turns = heldout_turns(DATA / "mt_bench_questions.jsonl")
     assert len(turns) == 160
+    shipped = {p.name for p in DATA.glob("*.jsonl*")} - {"mt_bench_questions.jsonl"}
+    assert shipped == set(TRAINING_SETS), "a prompt file in data/ that this test does not check"
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
-    assert len(prompts) == 7473 + 175 + 252 + 164 + 6585
+    assert len(prompts) == 7473 + 175 + 252 + 164 + 6585 + 6755
     assert not [p.source for p in prompts if p.text.strip() in turns]
 
 
