@@ -54,10 +54,17 @@ PYTHON=${PYTHON:-python3}
 TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
 NON_GSM8K=(data/self_instruct_seed_tasks.jsonl data/self_instruct_user_oriented.jsonl data/humaneval.jsonl.gz)
 cli() { HF_HUB_OFFLINE=1 "$PYTHON" -m chimera_vllm.cli "$@"; }
-answer() {  # answer OUT PROMPT_FILE... [make-data options]
+parts=()  # the training data's files
+answer() {  # answer OUT PROMPT_FILE... [make-data options]: the target's answers, one per prompt
     local out=$1; shift
     cli make-data --target $TARGET --engine hf --device "$DEVICE" --batch-size "$GEN_BATCH" \
         --max-prompt-tokens "$MAX_PROMPT_TOKENS" --max-new-tokens "$MAX_NEW_TOKENS" --out "$RUN/$out" --prompts "$@"
+    parts+=("$RUN/$out")
+}
+sampled() {  # sampled OUT COPIES PROMPT_FILE...: COPIES sampled answers (T=0.8) per prompt
+    local out=$1 copies=$2 files=(); shift 2
+    for _ in $(seq "$copies"); do files+=("$@"); done
+    answer "$out" "${files[@]}" --temperature 0.8 --seed "$SEED"
 }
 stage() { echo "== $(date +%T) $*"; }
 mkdir -p "$RUN"
@@ -65,28 +72,21 @@ mkdir -p "$RUN"
 stage fetch-target
 cli fetch-target smollm2-135m ${TARGET_GGUF[@]+--gguf "${TARGET_GGUF[@]}"}
 
-parts=()
 if [ "$GREEDY" = 1 ]; then
     stage "greedy answers, non-GSM8K prompts"
     answer greedy_nongsm.jsonl "${NON_GSM8K[@]}"
-    parts+=("$RUN/greedy_nongsm.jsonl")
 fi
 if [ "$SAMPLED_COPIES" -gt 0 ]; then
     stage "sampled answers (T=0.8), $SAMPLED_COPIES per non-GSM8K prompt"
-    copies=()
-    for _ in $(seq "$SAMPLED_COPIES"); do copies+=("${NON_GSM8K[@]}"); done
-    answer sampled_nongsm.jsonl "${copies[@]}" --temperature 0.8 --seed "$SEED"
-    parts+=("$RUN/sampled_nongsm.jsonl")
+    sampled sampled_nongsm.jsonl "$SAMPLED_COPIES" "${NON_GSM8K[@]}"
 fi
 if [ "$GSM8K_PROMPTS" -gt 0 ]; then
     stage "greedy answers, $GSM8K_PROMPTS GSM8K prompts"
     answer greedy_gsm8k.jsonl data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
-    parts+=("$RUN/greedy_gsm8k.jsonl")
 fi
 if [ ${#PROMPT_FILES[@]} -gt 0 ]; then
     stage "greedy answers, ${PROMPT_FILES[*]}${PROMPT_LIMIT:+ (a sample of $PROMPT_LIMIT prompts)}"
     answer greedy_prompts.jsonl "${PROMPT_FILES[@]}" ${PROMPT_LIMIT:+--limit "$PROMPT_LIMIT"}
-    parts+=("$RUN/greedy_prompts.jsonl")
 fi
 if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
     stage "prompts written by the target: $MAGPIE_SAMPLES samples of its user turn"
@@ -94,13 +94,9 @@ if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
         --count "$MAGPIE_SAMPLES" ${MAGPIE_OPENERS:+--openers "$MAGPIE_OPENERS"} --out "$RUN/magpie_prompts.jsonl"
     stage "greedy answers, target-written prompts"
     answer greedy_magpie.jsonl "$RUN/magpie_prompts.jsonl"
-    parts+=("$RUN/greedy_magpie.jsonl")
     if [ "$MAGPIE_SAMPLED" -gt 0 ]; then
         stage "sampled answers (T=0.8), $MAGPIE_SAMPLED per target-written prompt"
-        copies=()
-        for _ in $(seq "$MAGPIE_SAMPLED"); do copies+=("$RUN/magpie_prompts.jsonl"); done
-        answer sampled_magpie.jsonl "${copies[@]}" --temperature 0.8 --seed "$SEED"
-        parts+=("$RUN/sampled_magpie.jsonl")
+        sampled sampled_magpie.jsonl "$MAGPIE_SAMPLED" "$RUN/magpie_prompts.jsonl"
     fi
 fi
 
