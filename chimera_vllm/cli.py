@@ -393,6 +393,20 @@ def _add_draft_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
 
 
+SERVED_METHODS_HELP = (
+    "none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
+    "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)"
+)
+
+
+def _add_engine_methods(parser: argparse.ArgumentParser, default: list[str], methods_help: str) -> None:
+    """The target, the drafts and the methods a benchmark runs one engine each (bench, bench-serving, profile-step)."""
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
+    parser.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (for medusa:K methods)")
+    parser.add_argument("--methods", nargs="+", default=default, help=methods_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chimera-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -580,9 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=cmd_train)
     b = sub.add_parser("bench", help="vLLM offline throughput with and without speculation (benchmarks/throughput.py)")
-    b.add_argument("--target", required=True)
-    b.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
-    b.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (needed by medusa:K methods)")
+    _add_engine_methods(
+        b,
+        ["none", "ngram:4", "chimera:4"],
+        "none, ngram:K, chimera:K, chimera+ngram:K[:D] (prompt lookup beside the draft, D draft-model tokens), "
+        "medusa:K, hf (transformers generate at batch 1); chimera methods take @N: speculate only while at most "
+        "N requests run (chimera:2@4)",
+    )
     b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     b.add_argument("--num-prompts", type=int, default=None)
     b.add_argument(
@@ -593,14 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
         "a measured chimera:k with k <= D (its drafts capped at k) and no speculation",
     )
     b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument(
-        "--methods",
-        nargs="+",
-        default=["none", "ngram:4", "chimera:4"],
-        help="none, ngram:K, chimera:K, chimera+ngram:K[:D] (prompt lookup beside the draft, D draft-model tokens), "
-        "medusa:K, hf (transformers generate at batch 1); chimera methods take @N: speculate only while at most "
-        "N requests run (chimera:2@4)",
-    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     b.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     b.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
@@ -614,16 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the OpenAI-compatible server under load: TTFT, TPOT, latency percentiles (benchmarks/serving.py); "
         "other arguments go to vLLM's server",
     )
-    bs.add_argument("--target", required=True)
-    bs.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
-    bs.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
-    bs.add_argument(
-        "--methods",
-        nargs="+",
-        default=["none", "chimera:2"],
-        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
-        "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)",
-    )
+    _add_engine_methods(bs, ["none", "chimera:2"], SERVED_METHODS_HELP)
     bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
     bs.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="loads: requests in flight")
@@ -642,16 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         "profile-step",
         help="where an engine step's time goes: vLLM's torch profiler summed by component (benchmarks/profile_step.py)",
     )
-    pp.add_argument("--target", required=True)
-    pp.add_argument("--draft", help="Chimera draft (needed by chimera:K methods)")
-    pp.add_argument("--medusa", help="Medusa heads in vLLM's format (needed by medusa:K methods)")
-    pp.add_argument(
-        "--methods",
-        nargs="+",
-        default=["none", "chimera:2"],
-        help="none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
-        "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)",
-    )
+    _add_engine_methods(pp, ["none", "chimera:2"], SERVED_METHODS_HELP)
     pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     pp.add_argument(
         "--num-prompts",

@@ -7,14 +7,22 @@
 # last checkpoint's if the budget ran out, no optimizer state. Here, afterwards:
 #   cat FILES_AT/draft.tar.part* | tar -xf - -C runs/
 #
-#   DRAFT_NAME=run8 INIT_DRAFT=... bash scripts/device_train.sh    # knobs: scripts/train_smollm2_gpu.sh
+#   DRAFT_NAME=run8 INIT_DRAFT=... bash scripts/device_train.sh
+#
+# Knobs: scripts/train_smollm2_gpu.sh's, BUDGET_S (default 500), DEVICE_DIR (default .device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT: the folder the device tool returns}"
-"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/wheels/*.whl || exit
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-TARGET_GGUF=$(ls .device/target*/piece 2>/dev/null | sort -V | tr '\n' ' ')
-[ -n "$TARGET_GGUF" ] || { echo "no .device/target*/piece here: carry scripts/device_pack.sh's pieces first" >&2; exit 1; }
+dir=${DEVICE_DIR:-.device}
+wheels=("$dir"/wheels/*.whl)
+if [ -e "${wheels[0]}" ]; then
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        "${wheels[@]}" || exit
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+TARGET_GGUF=$(ls "$dir"/target*/piece 2>/dev/null | sort -V | tr '\n' ' ')
+[ -n "$TARGET_GGUF" ] || { echo "no $dir/target*/piece here: carry scripts/device_pack.sh's pieces first" >&2; exit 1; }
 export TARGET_GGUF RUN=${RUN:-/tmp/run} DRAFT_NAME=${DRAFT_NAME:-chimera}
 timeout "${BUDGET_S:-500}" bash scripts/train_smollm2_gpu.sh 2>&1 | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}

@@ -54,3 +54,59 @@ def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tm
     assert len(json.loads((draft / "tree.json").read_text())) == 6  # the tree's rank paths
     tree = json.loads((draft / "eval_tree.json").read_text())
     assert tree["outputs_identical"] and tree["mean_accepted_length"] > 1.0, tree
+
+
+PACK = SCRIPT.with_name("device_pack.sh")
+DEVICE_TRAIN = SCRIPT.with_name("device_train.sh")
+
+
+def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_in_pieces(tmp_path):
+    """device_pack.sh splits the GGUF into equal pieces; device_train.sh converts the target from them into
+    an empty hub cache, trains, evaluates and returns the draft as a tar in pieces of at most 15 MiB."""
+    fetch_target("smollm2-135m")
+    device = tmp_path / "device"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_DIR": str(device)}
+    pack = subprocess.run(
+        ["bash", str(PACK)], env={**env, "PIECE_MIB": "40", "DOWNLOAD_WHEELS": "0"}, capture_output=True, text=True
+    )
+    assert pack.returncode == 0, pack.stderr[-2000:]
+    pieces = sorted(device.glob("target*/piece"))
+    assert [p.parent.name for p in pieces] == ["target1", "target2", "target3"]  # 94 MiB in pieces of <= 40
+    assert all(p.stat().st_size <= 40 << 20 for p in pieces)
+
+    eval_prompts = tmp_path / "eval.jsonl"
+    eval_prompts.write_text(PROMPTS.read_text().splitlines()[0] + "\n")
+    out, hub = tmp_path / "out", tmp_path / "hub"
+    out.mkdir()
+    knobs = dict(
+        OUT=str(out),
+        HF_HUB_CACHE=str(hub),  # empty: the target must come from the pieces
+        RUN=str(tmp_path / "run"),
+        DEVICE="cpu",
+        GREEDY="0",
+        SAMPLED_COPIES="0",
+        GSM8K_PROMPTS="0",
+        PROMPT_FILES="data/smollm2_written_prompts_steered.jsonl",
+        PROMPT_LIMIT="2",
+        MAX_NEW_TOKENS="16",
+        GEN_BATCH="2",
+        STEPS="1",
+        BATCH="2",
+        INIT_DRAFT=resolve_draft(DRAFT),
+        DRAFT_NAME="run",
+        EVAL_PROMPTS=str(eval_prompts),
+        TREE_NODES="0",
+    )
+    run = subprocess.run(["bash", str(DEVICE_TRAIN)], env={**env, **knobs}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert f"is ready offline at {hub}" in (out / "log.txt").read_text()
+    parts = sorted(out.glob("draft.tar.part*"))
+    assert parts and all(p.stat().st_size <= 15 << 20 for p in parts)
+    back = tmp_path / "back"
+    back.mkdir()
+    joined = b"".join(p.read_bytes() for p in parts)
+    subprocess.run(["tar", "-xf", "-", "-C", str(back)], input=joined, check=True)
+    files = {p.relative_to(back / "run").as_posix() for p in (back / "run").rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "eval.json"} <= files
+    assert not [f for f in files if f.startswith("checkpoint/") or "optimizer" in f], files
+    assert json.loads((back / "run" / "eval.json").read_text())["outputs_identical"]
