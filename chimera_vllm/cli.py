@@ -393,7 +393,7 @@ def _add_draft_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
 
 
-SERVED_METHODS_HELP = (
+ENGINE_METHODS_HELP = (
     "none, ngram:K, chimera:K, chimera+ngram:K[:D], medusa:K; chimera methods take @N: speculate only "
     "while at most N requests run (chimera:2@4, as serve --max-speculative-batch 4)"
 )
@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the OpenAI-compatible server under load: TTFT, TPOT, latency percentiles (benchmarks/serving.py); "
         "other arguments go to vLLM's server",
     )
-    _add_engine_methods(bs, ["none", "chimera:2"], SERVED_METHODS_HELP)
+    _add_engine_methods(bs, ["none", "chimera:2"], ENGINE_METHODS_HELP)
     bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
     bs.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="loads: requests in flight")
@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         "profile-step",
         help="where an engine step's time goes: vLLM's torch profiler summed by component (benchmarks/profile_step.py)",
     )
-    _add_engine_methods(pp, ["none", "chimera:2"], SERVED_METHODS_HELP)
+    _add_engine_methods(pp, ["none", "chimera:2"], ENGINE_METHODS_HELP)
     pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
     pp.add_argument(
         "--num-prompts",
