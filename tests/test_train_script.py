@@ -18,29 +18,37 @@ from chimera_vllm.fetch import fetch_target
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_smollm2_gpu.sh"
 
 
-def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tmp_path):
-    fetch_target("smollm2-135m")  # a no-op after the set-up
+def tiny_knobs(tmp_path: Path) -> dict[str, str]:
+    """The GPU script's knobs for a run of a few steps on the CPU, continuing the shipped draft and
+    evaluated on one MT-bench prompt; each test adds its data knobs."""
     eval_prompts = tmp_path / "eval.jsonl"
     eval_prompts.write_text(PROMPTS.read_text().splitlines()[0] + "\n")
-    knobs = dict(
+    return dict(
         RUN=str(tmp_path / "run"),
         DEVICE="cpu",
         PYTHON=sys.executable,
         GREEDY="0",
         SAMPLED_COPIES="0",
+        MAX_NEW_TOKENS="16",
+        BATCH="2",
+        INIT_DRAFT=resolve_draft(DRAFT),
+        EVAL_PROMPTS=str(eval_prompts),
+    )
+
+
+def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tmp_path):
+    fetch_target("smollm2-135m")  # a no-op after the set-up
+    knobs = tiny_knobs(tmp_path)
+    knobs.update(
         GSM8K_PROMPTS="2",
         MAGPIE_SAMPLES="4",
         MAGPIE_OPENERS="data/prompt_openers.txt",
-        MAX_NEW_TOKENS="16",
         GEN_BATCH="4",
         STEPS="2",
-        BATCH="2",
-        INIT_DRAFT=resolve_draft(DRAFT),
         TRAIN_ARGS="--kl-weight 1",
         DRAFT_NAME="continued",
-        EVAL_PROMPTS=str(eval_prompts),
         TREE_NODES="6",
-        TREE_PROMPTS=str(eval_prompts),  # at this scale; the default is 80 target-written prompts
+        TREE_PROMPTS=knobs["EVAL_PROMPTS"],  # at this scale; the default is 80 target-written prompts
     )
     run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, **knobs}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -65,36 +73,26 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
     an empty hub cache, trains, evaluates and returns the draft as a tar in pieces of at most 15 MiB."""
     fetch_target("smollm2-135m")
     device = tmp_path / "device"
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_DIR": str(device)}
-    pack = subprocess.run(
-        ["bash", str(PACK)], env={**env, "PIECE_MIB": "40", "DOWNLOAD_WHEELS": "0"}, capture_output=True, text=True
-    )
+    env = {**os.environ, "DEVICE_DIR": str(device)}
+    pack_env = {**env, "PYTHON": sys.executable, "PIECE_MIB": "40", "DOWNLOAD_WHEELS": "0"}
+    pack = subprocess.run(["bash", str(PACK)], env=pack_env, capture_output=True, text=True)
     assert pack.returncode == 0, pack.stderr[-2000:]
     pieces = sorted(device.glob("target*/piece"))
     assert [p.parent.name for p in pieces] == ["target1", "target2", "target3"]  # 94 MiB in pieces of <= 40
     assert all(p.stat().st_size <= 40 << 20 for p in pieces)
 
-    eval_prompts = tmp_path / "eval.jsonl"
-    eval_prompts.write_text(PROMPTS.read_text().splitlines()[0] + "\n")
     out, hub = tmp_path / "out", tmp_path / "hub"
     out.mkdir()
-    knobs = dict(
+    knobs = tiny_knobs(tmp_path)
+    knobs.update(
         OUT=str(out),
         HF_HUB_CACHE=str(hub),  # empty: the target must come from the pieces
-        RUN=str(tmp_path / "run"),
-        DEVICE="cpu",
-        GREEDY="0",
-        SAMPLED_COPIES="0",
         GSM8K_PROMPTS="0",
         PROMPT_FILES="data/smollm2_written_prompts_steered.jsonl",
         PROMPT_LIMIT="2",
-        MAX_NEW_TOKENS="16",
         GEN_BATCH="2",
         STEPS="1",
-        BATCH="2",
-        INIT_DRAFT=resolve_draft(DRAFT),
         DRAFT_NAME="run",
-        EVAL_PROMPTS=str(eval_prompts),
         TREE_NODES="0",
     )
     run = subprocess.run(["bash", str(DEVICE_TRAIN)], env={**env, **knobs}, capture_output=True, text=True)
