@@ -591,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32")
+    t.add_argument(
+        "--save-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the final draft's weights in this dtype (bfloat16: half the size, as the shipped draft); "
+        "checkpoints keep training's",
+    )
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint in --out")
     t.set_defaults(func=cmd_train)
     b = sub.add_parser("bench", help="vLLM offline throughput with and without speculation (benchmarks/throughput.py)")

@@ -367,3 +367,15 @@ def test_target_labels_train_toward_the_targets_greedy_choice(llama_target, llam
     assert ce_against_greedy(on_target) < ce_against_greedy(on_data)
     with pytest.raises(ValueError, match="labels 'argmax'"):
         train(_args(llama_dir, data, tmp_path / "bad", labels="argmax"))
+
+
+def test_the_final_draft_is_saved_in_save_dtype_and_the_checkpoint_keeps_float32(llama_dir, small_data, tmp_path):
+    out = train(_args(llama_dir, small_data, tmp_path / "bf16", steps=2, save_dtype="bfloat16"))
+    final = load_file(out / "model.safetensors")
+    checkpoint = load_file(out / "checkpoint" / "draft" / "model.safetensors")
+    assert {t.dtype for t in final.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert {t.dtype for t in checkpoint.values() if t.is_floating_point()} == {torch.float32}
+    for name, weight in checkpoint.items():  # the same weights, rounded
+        torch.testing.assert_close(final[name].float(), weight.float(), rtol=1e-2, atol=1e-2, msg=name)
+    with pytest.raises(ValueError, match="save_dtype 'int8': use one of float32, bfloat16, float16"):
+        train(_args(llama_dir, small_data, tmp_path / "bad", save_dtype="int8"))

@@ -56,11 +56,13 @@ class TrainArgs:
     log_every: int = 10
     seed: int = 0
     dtype: str = "float32"
+    save_dtype: str | None = None  # the final draft's weights (e.g. bfloat16, as shipped); checkpoints keep theirs
     resume: bool = True
     progress: bool = True
 
 
 LABEL_SOURCES = ("data", "target")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_LOG = "train_log.jsonl"
 """One JSON line of metrics per logged step, in the folder that ``train --out`` writes."""
 
@@ -177,6 +179,8 @@ def train(args: TrainArgs) -> Path:
     """Train a Chimera draft; returns the run directory (which holds the final draft)."""
     if args.labels not in LABEL_SOURCES:
         raise ValueError(f"labels {args.labels!r}: use one of {', '.join(LABEL_SOURCES)}")
+    if args.save_dtype not in (None, *SAVE_DTYPES):
+        raise ValueError(f"save_dtype {args.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
     rank, world = _distributed()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
@@ -256,12 +260,15 @@ def train(args: TrainArgs) -> Path:
             _save_checkpoint(draft, opt, done, history, out)
 
     if rank == 0:
-        draft.eval().save_pretrained(out)
+        _save_checkpoint(draft, opt, args.steps, history, out)
         with (out / TRAIN_LOG).open("w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
         if history:
             plot_history(history, out / "loss.png")
-        _save_checkpoint(draft, opt, args.steps, history, out)
+        final = draft.eval()
+        if args.save_dtype is not None:
+            final = final.to(getattr(torch, args.save_dtype))  # after the checkpoint, which keeps training's
+        final.save_pretrained(out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
