@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from chimera_vllm.demo import DRAFT, PROMPTS
@@ -92,6 +93,7 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
         PROMPT_LIMIT="2",
         GEN_BATCH="2",
         STEPS="1",
+        TRAIN_ARGS="--save-dtype bfloat16",  # as shipped
         DRAFT_NAME="run",
         TREE_NODES="0",
     )
@@ -108,3 +110,5 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
     assert {"model.safetensors", "config.json", "eval.json"} <= files
     assert not [f for f in files if f.startswith("checkpoint/") or "optimizer" in f], files
     assert json.loads((back / "run" / "eval.json").read_text())["outputs_identical"]
+    weights = load_file(back / "run" / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
