@@ -55,6 +55,18 @@ def greedy(llm: LLM, prompts, max_tokens=40, **kw) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def drafts_like_the_reference(llm: LLM, prompts, ref_out, ref, max_tokens=24) -> SpecCounters:
+    """Asserts the engine's greedy outputs and draft/accept counts equal the reference decoder's
+    (ref_out, ref = SpeculativeDecoder(...).generate(prompts, max_tokens)); closes the engine."""
+    try:
+        assert greedy(llm, prompts, max_tokens, ignore_eos=True) == [o[:max_tokens] for o in ref_out]
+        got = SpecCounters.read(llm)
+        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
+        return got
+    finally:
+        close_llm(llm)
+
+
 def counter(llm: LLM, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
@@ -308,13 +320,7 @@ def test_tensor_parallel_2_drafts_like_the_reference_decoder(pair, trained_pair,
     _, target, tokenizer, _, draft = trained_pair
     prompts = grammar_prompts(tokenizer, 6, seed=3)
     ref_out, ref = SpeculativeDecoder(target, draft, 4).generate(prompts, 24)
-    llm = make_engine(pair[0], pair[1], 4, tensor_parallel_size=2)
-    try:
-        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
-        got = SpecCounters.read(llm)
-        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
-    finally:
-        close_llm(llm)
+    drafts_like_the_reference(make_engine(pair[0], pair[1], 4, tensor_parallel_size=2), prompts, ref_out, ref)
 
 
 def test_draft_vocabulary_in_vllm_drafts_like_the_reference_decoder(pair, trained_pair, tmp_path):
@@ -328,14 +334,8 @@ def test_draft_vocabulary_in_vllm_drafts_like_the_reference_decoder(pair, traine
     draft.set_draft_vocab(counts.topk(20).indices)
     draft.save_pretrained(tmp_path / "restricted")
     ref_out, ref = SpeculativeDecoder(target, draft, 4).generate(prompts, 24)
-    llm = make_engine(pair[0], tmp_path / "restricted", 4)
-    try:
-        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
-        got = SpecCounters.read(llm)
-        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
-        assert list(got.accepted_by_position) == ref.accepted_by_position
-    finally:
-        close_llm(llm)
+    got = drafts_like_the_reference(make_engine(pair[0], tmp_path / "restricted", 4), prompts, ref_out, ref)
+    assert list(got.accepted_by_position) == ref.accepted_by_position
 
 
 def test_medusa_baseline_exported_to_vllm_drafts_like_the_reference_decoder(trained_pair, tmp_path):
@@ -365,12 +365,7 @@ def test_medusa_baseline_exported_to_vllm_drafts_like_the_reference_decoder(trai
     ref_out, ref = SpeculativeDecoder(target, medusa, 3).generate(prompts, 24)
     assert ref.accepted_tokens > 0
     llm = make_engine(target_dir, tmp_path / "vllm", 3, spec_extra={"method": "medusa"})
-    try:
-        assert greedy(llm, prompts, 24, ignore_eos=True) == [o[:24] for o in ref_out]
-        got = SpecCounters.read(llm)
-        assert (got.draft_tokens, got.accepted_tokens) == (ref.draft_tokens, ref.accepted_tokens)
-    finally:
-        close_llm(llm)
+    drafts_like_the_reference(llm, prompts, ref_out, ref)
 
 
 def test_batch_size_schedule_changes_k_and_stays_lossless(pair, baseline):
