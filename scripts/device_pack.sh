@@ -17,7 +17,7 @@ py=${PYTHON:-.venv/bin/python}
 dir=${DEVICE_DIR:-.device}
 gguf=$("$py" -c 'from chimera_vllm.fetch import PACKAGED_TARGETS, locate_pieces
 print(*locate_pieces(PACKAGED_TARGETS["smollm2-135m"]))')
-tree_mib=$(( ($(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) >> 20) + 1 ))
+tree_mib=$(( ($(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1) >> 20) + 1 ))  # what travels
 PIECE_MIB=${PIECE_MIB:-$(( (62 - tree_mib) < 30 ? 62 - tree_mib : 30 ))}
 if [ "$PIECE_MIB" -lt 4 ]; then
     echo "the working tree takes ${tree_mib} MiB of the 64 a call carries: no room for the target's pieces" >&2
