@@ -149,11 +149,14 @@ class _TreeSlots:
     depths: Tensor  # [1+N]: each slot's position after the pending token's
     seen: Tensor  # [1+N, 1+N]: slot i may attend to slot j
     parents: Tensor  # [N]: each node's parent slot
+    children: Tensor  # [1+N, widest]: each slot's child slots in rank order, -1 past its last
 
     @classmethod
     def of(cls, tree: DraftTree, device: torch.device) -> _TreeSlots:
         parents = torch.tensor([p + 1 for p in tree.parents], device=device)
-        return cls(tree.slot_depths(device), tree.visibility(device), parents)
+        width = max(len(c) for c in tree.children)
+        children = torch.tensor([c + [-1] * (width - len(c)) for c in tree.children], device=device)
+        return cls(tree.slot_depths(device), tree.visibility(device), parents, children)
 
 
 class SpeculativeDecoder:
@@ -348,7 +351,7 @@ class SpeculativeDecoder:
             last = (on_path * (slots.depths + 1)).argmax(dim=1)  # the deepest such slot (one per depth at most)
             nxt = choice[torch.arange(B, device=device), last]
         else:
-            last, nxt = self.sampler.verify_tree(nodes, self.tree.children, logits)
+            last, nxt = self.sampler.verify_tree(nodes, slots.children, logits)
         kept = seen[last]
         # The kept path to the front of the step's slots (parents come before children), so that
         # its rejected siblings trail and are cropped like a chain's rejected drafts.

@@ -73,7 +73,7 @@ class TokenSampler:
         next_token = torch.multinomial(dist, 1, generator=self.generator)[:, 0]
         return accepted, next_token
 
-    def verify_tree(self, nodes: Tensor, children: list[list[int]], target_logits: Tensor) -> tuple[Tensor, Tensor]:
+    def verify_tree(self, nodes: Tensor, children: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Sampling over a tree of drafts (:class:`~chimera_vllm.tree.DraftTree`): from the root, a
         slot's children are tried in rank order, each kept with the target's probability of its token
         once the siblings tried before it are ruled out; the first one kept is the path's next slot.
@@ -81,13 +81,12 @@ class TokenSampler:
         distribution there. Each try is rejection sampling from a one-token proposal, so the emitted
         tokens are distributed exactly as sampling from the target.
 
-        nodes [B, N] (node i in slot i + 1), children: each slot's child slots in rank order (slot 0
-        the root), target_logits [B, 1+N, V]. Returns (the last kept slot [B], next token [B])."""
+        nodes [B, N] (node i in slot i + 1), children [1+N, widest]: each slot's child slots in rank
+        order, -1 past its last (slot 0 the root), target_logits [B, 1+N, V]. Returns (the last kept
+        slot [B], next token [B])."""
         p = self.probs(target_logits)
         B, device = nodes.shape[0], nodes.device
         rows = torch.arange(B, device=device)
-        width = max(len(c) for c in children)
-        kids = torch.tensor([c + [-1] * (width - len(c)) for c in children], device=device)  # [1+N, width]
         u = torch.rand(B, nodes.shape[1], generator=self.generator, device=device)  # a node is tried once at most
         slot = torch.zeros(B, dtype=torch.long, device=device)
         searching = torch.ones(B, dtype=torch.bool, device=device)
@@ -95,8 +94,8 @@ class TokenSampler:
         while searching.any():
             remaining = torch.where(searching[:, None], p[rows, slot], remaining)
             moved = torch.zeros_like(searching)
-            for rank in range(width):
-                child = kids[slot, rank]
+            for rank in range(children.shape[1]):
+                child = children[slot, rank]
                 node = (child - 1).clamp(min=0)
                 token = nodes[rows, node]
                 mass = remaining.sum(dim=-1)

@@ -85,7 +85,7 @@ def test_the_tree_check_catches_a_sampler_that_keeps_every_first_choice(small_vo
     decoder = SpeculativeDecoder(small_vocab_target, draft, tree=DraftTree.from_branching([2, 2]), temperature=1.0)
 
     def first_children(nodes, children, target_logits):
-        slot = torch.full((nodes.shape[0],), children[children[0][0]][0])
+        slot = torch.full((nodes.shape[0],), int(children[children[0, 0], 0]))
         return slot, decoder.sampler.sample(target_logits[:, slot[0]])
 
     monkeypatch.setattr(decoder.sampler, "verify_tree", first_children)
@@ -101,7 +101,7 @@ def test_a_tree_step_keeps_a_child_with_the_targets_probability_once_earlier_sib
     n = 20000
     nodes = torch.tensor([[0, 1]]).expand(n, 2)
     logits = p.log().expand(n, 3, 3)  # every slot's distribution is p (children of the root only)
-    slot, nxt = sampler.verify_tree(nodes, [[1, 2], [], []], logits)
+    slot, nxt = sampler.verify_tree(nodes, torch.tensor([[1, 2], [-1, -1], [-1, -1]]), logits)
     kept_first, kept_second = (slot == 1).float().mean(), (slot == 2).float().mean()
     assert abs(float(kept_first) - 0.5) < 0.02 and abs(float(kept_second) - 0.3) < 0.02
     assert bool((nxt[slot == 0] == 2).all())  # refused both: only token 2 remains
