@@ -20,6 +20,10 @@ if [ -e "${wheels[0]}" ]; then
         "${wheels[@]}" || exit
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The GPU machine runs the package from this copy of the tree, not installed: the top-level kernels/
+# folder, which installs as chimera_vllm.kernels (setup.py), is then linked in its place.
+"${PYTHON:-python3}" -c 'import importlib.metadata as m; m.version("chimera-vllm")' 2>/dev/null \
+    || ln -sfn ../kernels chimera_vllm/kernels
 export PYTHONUNBUFFERED=1
 TARGET_GGUF=$(ls "$dir"/target*/piece 2>/dev/null | sort -V | tr '\n' ' ')
 [ -n "$TARGET_GGUF" ] || { echo "no $dir/target*/piece here: carry scripts/device_pack.sh's pieces first" >&2; exit 1; }
