@@ -27,13 +27,16 @@ def init_draft(
     seed: int = 0,
     trigram_mlp: str = "resblock",
     head_type: str = "residual",
+    intermediate_size: int | None = None,
 ) -> ChimeraDraft:
-    """An untrained draft for `target`, its heads initialised from the target's LM head."""
+    """An untrained draft for `target`, its heads initialised from the target's LM head; the
+    full-context encoder's MLP is `intermediate_size` wide (default: 4x the target's hidden size)."""
     config = ChimeraConfig(
         TargetSpec.from_target_config(target.config),
         num_heads=num_heads,
         trigram_mlp=trigram_mlp,
         head_type=head_type,
+        intermediate_size=intermediate_size,
         verifier_name_or_path=target_name_or_path,
         verifier_architectures=list(target.config.architectures or []),
     )

@@ -171,7 +171,9 @@ def cmd_init_draft(args: argparse.Namespace) -> None:
     from .target import load_target
 
     target = load_target(args.target, args.dtype)
-    draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
+    draft = init_draft(
+        target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type, args.intermediate_size
+    )
     draft.save_pretrained(args.out)
     print(f"wrote an untrained Chimera draft ({args.num_heads} heads) for {args.target} to {args.out}")
 
@@ -391,6 +393,9 @@ def _add_draft_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=4, help="draft heads = most tokens drafted per step")
     parser.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
     parser.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
+    parser.add_argument(
+        "--intermediate-size", type=int, help="the full-context encoder's MLP width (default: 4x the target's hidden)"
+    )
 
 
 ENGINE_METHODS_HELP = (

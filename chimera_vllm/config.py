@@ -107,6 +107,8 @@ class ChimeraConfig:
             raise ChimeraConfigError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.target.hidden_size
+        if self.intermediate_size < 1:
+            raise ChimeraConfigError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.target.vocab_size:
             raise ChimeraConfigError(
                 f"draft_vocab_size must be in 1..{self.target.vocab_size} (the target's vocabulary), "

@@ -133,3 +133,17 @@ def test_plot_training_draws_every_run_and_names_a_folder_without_a_log(capsys, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot-training", str(tmp_path / "chimera"), str(tmp_path), "--out", str(png)]) == 2
     assert f"no training log at {tmp_path / 'train_log.jsonl'}" in capsys.readouterr().err
+
+
+def test_init_draft_takes_the_encoder_width_and_names_a_bad_one(capsys, llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from chimera_vllm.model import ChimeraDraft
+
+    out = tmp_path / "wide"
+    assert main(["init-draft", "--target", str(llama_dir), "--out", str(out), "--intermediate-size", "96"]) == 0
+    hidden = ChimeraDraft.from_pretrained(out).config.target.hidden_size
+    assert load_file(out / "model.safetensors")["encoder.mlp.up_proj.weight"].shape == (96, hidden)
+    bad = ["init-draft", "--target", str(llama_dir), "--out", str(tmp_path / "bad"), "--intermediate-size", "0"]
+    assert main(bad) == 2
+    assert "intermediate_size must be >= 1, got 0" in capsys.readouterr().err

@@ -379,3 +379,10 @@ def test_the_final_draft_is_saved_in_save_dtype_and_the_checkpoint_keeps_float32
         torch.testing.assert_close(final[name].float(), weight.float(), rtol=1e-2, atol=1e-2, msg=name)
     with pytest.raises(ValueError, match="save_dtype 'int8': use one of float32, bfloat16, float16"):
         train(_args(llama_dir, small_data, tmp_path / "bad", save_dtype="int8"))
+
+
+def test_a_fresh_draft_takes_the_encoder_width_and_a_continued_one_keeps_its_own(llama_dir, small_data, tmp_path):
+    wide = train(_args(llama_dir, small_data, tmp_path / "wide", steps=1, intermediate_size=48))
+    assert load_file(wide / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48
+    continued = train(_args(llama_dir, small_data, tmp_path / "cont", steps=1, init_draft=str(wide)))
+    assert load_file(continued / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48

@@ -38,6 +38,7 @@ class TrainArgs:
     num_heads: int = 4
     trigram_mlp: str = "resblock"
     head_type: str = "residual"
+    intermediate_size: int | None = None  # a fresh draft's encoder MLP width (default: 4x the target's hidden size)
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -197,7 +198,9 @@ def train(args: TrainArgs) -> Path:
         if args.init_draft:
             draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
         else:
-            draft = init_draft(target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type)
+            draft = init_draft(
+                target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type, args.intermediate_size
+            )
         start, history = 0, []
         if args.draft_vocab_size:
             ids, coverage = frequent_response_tokens([args.data], target.config.vocab_size, args.draft_vocab_size)
