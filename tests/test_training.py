@@ -386,3 +386,5 @@ def test_a_fresh_draft_takes_the_encoder_width_and_a_continued_one_keeps_its_own
     assert load_file(wide / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48
     continued = train(_args(llama_dir, small_data, tmp_path / "cont", steps=1, init_draft=str(wide)))
     assert load_file(continued / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48
+    with pytest.raises(ValueError, match="intermediate_size 64 is a fresh draft's: .* has an encoder MLP 48 wide"):
+        train(_args(llama_dir, small_data, tmp_path / "bad", steps=1, init_draft=str(wide), intermediate_size=64))

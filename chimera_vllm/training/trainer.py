@@ -197,6 +197,12 @@ def train(args: TrainArgs) -> Path:
     else:
         if args.init_draft:
             draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
+            width = draft.config.intermediate_size
+            if args.intermediate_size not in (None, width):
+                raise ValueError(
+                    f"intermediate_size {args.intermediate_size} is a fresh draft's: --init-draft "
+                    f"{args.init_draft} has an encoder MLP {width} wide"
+                )
         else:
             draft = init_draft(
                 target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type, args.intermediate_size
