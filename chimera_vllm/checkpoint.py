@@ -20,6 +20,27 @@ from .model import ChimeraCheckpointError, ChimeraDraft, TargetParts
 OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
 
 
+# init_draft's keywords that shape a draft: a trained draft keeps them (see check_draft_shape).
+DRAFT_SHAPE_OPTIONS = ("num_heads", "trigram_mlp", "head_type", "intermediate_size")
+
+
+def draft_shape_options(args: object) -> dict:
+    """The draft-shaping options `args` gives (those not None), as init_draft's keywords."""
+    return {name: getattr(args, name) for name in DRAFT_SHAPE_OPTIONS if getattr(args, name, None) is not None}
+
+
+def check_draft_shape(directory: str | Path, options: dict) -> None:
+    """Refuse options that contradict the draft at `directory` rather than ignore them: continuing
+    a trained draft keeps its shape. Reads only its config.json (nothing else is loaded yet)."""
+    config = ChimeraConfig.load(directory)
+    for name, value in options.items():
+        if value != getattr(config, name):
+            raise ChimeraConfigError(
+                f"{name} {value!r} shapes a fresh draft: the draft at {directory} has {name} "
+                f"{getattr(config, name)!r} and keeps it (leave the option out, or start from scratch)"
+            )
+
+
 def init_draft(
     target: PreTrainedModel,
     target_name_or_path: str,

@@ -167,15 +167,13 @@ def cmd_make_tree(args: argparse.Namespace) -> None:
 
 
 def cmd_init_draft(args: argparse.Namespace) -> None:
-    from .checkpoint import init_draft
+    from .checkpoint import draft_shape_options, init_draft
     from .target import load_target
 
     target = load_target(args.target, args.dtype)
-    draft = init_draft(
-        target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type, args.intermediate_size
-    )
+    draft = init_draft(target, args.target, seed=args.seed, **draft_shape_options(args))
     draft.save_pretrained(args.out)
-    print(f"wrote an untrained Chimera draft ({args.num_heads} heads) for {args.target} to {args.out}")
+    print(f"wrote an untrained Chimera draft ({draft.num_heads} heads) for {args.target} to {args.out}")
 
 
 def cmd_draft_vocab(args: argparse.Namespace) -> None:
@@ -389,10 +387,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _add_draft_options(parser: argparse.ArgumentParser) -> None:
-    """The architecture of a fresh draft (docs/architecture.md)."""
-    parser.add_argument("--num-heads", type=int, default=4, help="draft heads = most tokens drafted per step")
-    parser.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, default="resblock")
-    parser.add_argument("--head-type", choices=HEAD_TYPES, default="residual")
+    """The architecture of a fresh draft (docs/architecture.md); a continued one keeps its own."""
+    parser.add_argument("--num-heads", type=int, help="draft heads = most tokens drafted per step (default: 4)")
+    parser.add_argument("--trigram-mlp", choices=TRIGRAM_MLPS, help="(default: resblock)")
+    parser.add_argument("--head-type", choices=HEAD_TYPES, help="(default: residual)")
     parser.add_argument(
         "--intermediate-size", type=int, help="the full-context encoder's MLP width (default: 4x the target's hidden)"
     )
@@ -557,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", required=True)
     t.add_argument("--data", required=True, help='token-id JSONL: {"input_ids": [...], "prompt_length": n} per line')
     t.add_argument("--out", required=True)
-    t.add_argument("--init-draft", help="start from this draft instead of a fresh one")
+    t.add_argument("--init-draft", help="start from this draft (a path or a shipped draft's name), not a fresh one")
     _add_draft_options(t)
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=8)
@@ -729,8 +727,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     use_offline_hub()
     logs_to_stderr()
-    if getattr(args, "draft", None):
-        args.draft = resolve_draft(args.draft)
+    for option in ("draft", "init_draft"):
+        if getattr(args, option, None):
+            setattr(args, option, resolve_draft(getattr(args, option)))
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FetchError, TimeoutError) as e:  # our errors name the bad value

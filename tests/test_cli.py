@@ -147,3 +147,17 @@ def test_init_draft_takes_the_encoder_width_and_names_a_bad_one(capsys, llama_di
     bad = ["init-draft", "--target", str(llama_dir), "--out", str(tmp_path / "bad"), "--intermediate-size", "0"]
     assert main(bad) == 2
     assert "intermediate_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_takes_a_shipped_draft_name_for_init_draft_and_refuses_to_reshape_it(capsys, tmp_path):
+    """Nothing loads before the check: neither the target nor the data exists here."""
+    from chimera_vllm.config import ChimeraConfig
+    from chimera_vllm.drafts import shipped_drafts
+
+    name, path = next(iter(shipped_drafts().items()))
+    heads = ChimeraConfig.load(path).num_heads
+    cmd = ["train", "--target", "no-such-target", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]
+    assert main([*cmd, "--init-draft", name, "--num-heads", str(heads + 1)]) == 2
+    expected = f"num_heads {heads + 1} shapes a fresh draft: the draft at {path} has num_heads {heads}"
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

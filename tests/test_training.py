@@ -386,5 +386,21 @@ def test_a_fresh_draft_takes_the_encoder_width_and_a_continued_one_keeps_its_own
     assert load_file(wide / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48
     continued = train(_args(llama_dir, small_data, tmp_path / "cont", steps=1, init_draft=str(wide)))
     assert load_file(continued / "model.safetensors")["encoder.mlp.up_proj.weight"].shape[0] == 48
-    with pytest.raises(ValueError, match="intermediate_size 64 is a fresh draft's: .* has an encoder MLP 48 wide"):
+    with pytest.raises(ValueError, match="intermediate_size 64 shapes a fresh draft: .* has intermediate_size 48"):
         train(_args(llama_dir, small_data, tmp_path / "bad", steps=1, init_draft=str(wide), intermediate_size=64))
+
+
+@pytest.mark.parametrize(
+    "option,value,kept",
+    [("num_heads", 2, 3), ("trigram_mlp", "linear", "'resblock'"), ("head_type", "medusa", "'residual'")],
+)
+def test_a_continued_draft_refuses_a_shape_option_that_contradicts_it_before_loading(
+    llama_dir, small_data, tmp_path, option, value, kept
+):
+    first = train(_args(llama_dir, small_data, tmp_path / "first", steps=1))  # 3 heads, resblock, residual
+    args = _args("no-such-target", small_data, tmp_path / "bad", init_draft=str(first), **{option: value})
+    with pytest.raises(ValueError, match=f"{option} {value!r} shapes a fresh draft: .* has {option} {kept}"):
+        train(args)  # the target is not loaded first: its error would name no-such-target
+    assert not (tmp_path / "bad").exists()
+    same = train(_args(llama_dir, small_data, tmp_path / "same", steps=1, init_draft=str(first), num_heads=3))
+    assert load_file(same / "model.safetensors")["heads.weight"].shape[0] == 3

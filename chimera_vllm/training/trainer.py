@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import init_draft
+from ..checkpoint import check_draft_shape, draft_shape_options, init_draft
 from ..model import ChimeraDraft, TargetParts
 from ..target import final_hidden, load_target
 from .data import batch_indices, collate, frequent_response_tokens, read_sequences, response_coverage
@@ -35,10 +35,11 @@ class TrainArgs:
     data: str
     out: str
     init_draft: str | None = None
-    num_heads: int = 4
-    trigram_mlp: str = "resblock"
-    head_type: str = "residual"
-    intermediate_size: int | None = None  # a fresh draft's encoder MLP width (default: 4x the target's hidden size)
+    # A fresh draft's shape (None: init_draft's default); with init_draft, each given one must match it.
+    num_heads: int | None = None
+    trigram_mlp: str | None = None
+    head_type: str | None = None
+    intermediate_size: int | None = None
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -182,6 +183,9 @@ def train(args: TrainArgs) -> Path:
         raise ValueError(f"labels {args.labels!r}: use one of {', '.join(LABEL_SOURCES)}")
     if args.save_dtype not in (None, *SAVE_DTYPES):
         raise ValueError(f"save_dtype {args.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
+    shape = draft_shape_options(args)
+    if args.init_draft:  # before anything loads
+        check_draft_shape(args.init_draft, shape)
     rank, world = _distributed()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
@@ -197,16 +201,8 @@ def train(args: TrainArgs) -> Path:
     else:
         if args.init_draft:
             draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
-            width = draft.config.intermediate_size
-            if args.intermediate_size not in (None, width):
-                raise ValueError(
-                    f"intermediate_size {args.intermediate_size} is a fresh draft's: --init-draft "
-                    f"{args.init_draft} has an encoder MLP {width} wide"
-                )
         else:
-            draft = init_draft(
-                target, args.target, args.num_heads, args.seed, args.trigram_mlp, args.head_type, args.intermediate_size
-            )
+            draft = init_draft(target, args.target, seed=args.seed, **shape)
         start, history = 0, []
         if args.draft_vocab_size:
             ids, coverage = frequent_response_tokens([args.data], target.config.vocab_size, args.draft_vocab_size)
