@@ -3,7 +3,10 @@
 One engine per (dtype, method, batch size): ``max_num_seqs`` is the batch size, so
 vLLM's scheduler keeps that many requests running, as a server under load would.
 Every number in a report comes from one run on one machine, and every speedup is a
-ratio to the no-speculation engine of the same dtype, batch size and temperature.
+ratio to the no-speculation engine of the same dtype, batch size and temperature (and
+round: with ``rounds`` > 1 every engine runs once a round, methods alternating, and
+the report gives each setting's median and the range of its per-round speedups, since
+a small machine's speed drifts more between engines minutes apart than within a round).
 Used by ``chimera-vllm bench``, ``benchmarks/throughput.py`` and the demo.
 """
 
@@ -13,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -194,6 +198,8 @@ class Row:
     outputs_identical: bool | None = None  # greedy only: token for token equal to "none"
     match_rate: float | None = None  # greedy only: share of outputs equal to "none"'s
     only_near_ties: bool | None = None  # every divergence starts at a near-tie (chimera_vllm/compare.py)
+    round: int = 0  # the pass of run(rounds=...) that measured it
+    speedup_range: tuple[float, float] | None = None  # a median row's lowest and highest round
     outputs: list[list[int]] = field(default_factory=list, repr=False)
 
 
@@ -278,11 +284,11 @@ def hf_generate_row(
 
 def add_ratios(rows: list[Row]) -> None:
     """Speedups, speedup/tau and output identity against the no-speculation row of each setting
-    (for transformers' generate: vLLM's no-speculation row at the smallest batch size)."""
-    base = {(r.dtype, r.batch_size, r.temperature): r for r in rows if r.method == "none"}
+    and round (for transformers' generate: vLLM's no-speculation row at the smallest batch size)."""
+    base = {(r.dtype, r.batch_size, r.temperature, r.round): r for r in rows if r.method == "none"}
     smallest = min((r.batch_size for r in rows if r.method == "none"), default=1)
     for r in rows:
-        b = base.get((r.dtype, smallest if r.method == "hf" else r.batch_size, r.temperature))
+        b = base.get((r.dtype, smallest if r.method == "hf" else r.batch_size, r.temperature, r.round))
         if b is None:
             continue
         r.speedup = r.output_tokens_per_s / b.output_tokens_per_s
@@ -303,14 +309,23 @@ def run(
     stop_token_ids: set[int],
     progress: bool = False,
     tune_schedule: bool = False,
+    rounds: int = 1,
     **engine_args,
 ) -> list[Row]:
-    """One engine per (dtype, method, batch size); progress shows each engine's requests too.
+    """One engine per (dtype, method, batch size) and round; progress shows each engine's requests too.
 
     tune_schedule: then one more Chimera engine per batch size with vLLM's batch-size schedule
     built from the measured rows (method "chimera:auto", see tuned_schedule), and one per
     chimera+ngram method with its own ("chimera+ngram:K:D:auto"). Greedy rows whose
-    outputs differ from no-spec's get their match rate and near-tie check (check_divergences)."""
+    outputs differ from no-spec's get their match rate and near-tie check (check_divergences).
+    rounds: every engine that many times, round after round (median_rows sums them up)."""
+    if rounds < 1:
+        raise ValueError(f"--rounds must be 1 or more, got {rounds}")
+    if rounds > 1 and tune_schedule:
+        raise ValueError(
+            f"--rounds {rounds} alternates fixed methods; --tune-schedule's engines run after them, "
+            "not alternated: give the schedule as a method instead (chimera:2@4)"
+        )
     if Method("none") not in methods:
         methods = [Method("none"), *methods]  # every ratio needs its baseline
     # transformers' generate runs at batch 1 only: once per dtype
@@ -332,8 +347,9 @@ def run(
         )
 
     rows: list[Row] = []
-    for dtype, method, batch_size in tqdm(configs, desc="engines", unit="engine"):
-        rows += measure(dtype, method, batch_size)
+    passes = [(i, *config) for i in range(rounds) for config in configs]
+    for i, dtype, method, batch_size in tqdm(passes, desc="engines", unit="engine"):
+        rows += [replace(row, round=i) for row in measure(dtype, method, batch_size)]
     add_ratios(rows)
     if tune_schedule:
         hybrids = [m for m in methods if m.name == HYBRID]
@@ -349,11 +365,46 @@ def run(
                 )
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
-    if any(r.outputs_identical is False for r in rows):
+    if any(r.outputs_identical is False and r.round == 0 for r in rows):
         from .target import load_target
 
-        check_divergences(rows, load_target(target, "float32"), prompts)
+        check_divergences([r for r in rows if r.round == 0], load_target(target, "float32"), prompts)
     return rows
+
+
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per (dtype, method, batch size, temperature): the first round's, with the median over
+    the rounds of its throughput, τ and per-round ratios, and speedup_range the lowest and highest
+    per-round speedup. A setting measured once keeps its row."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.dtype, r.method, r.batch_size, r.temperature), []).append(r)
+    medians = []
+    for group in groups.values():
+        if len(group) == 1:
+            medians.append(group[0])
+            continue
+        speedups = _values(group, "speedup")
+        medians.append(
+            replace(
+                group[0],
+                speedup_range=(min(speedups), max(speedups)) if speedups else None,
+                **{name: _median(group, name) for name in MEDIAN_FIELDS},
+            )
+        )
+    return medians
+
+
+MEDIAN_FIELDS = ("output_tokens_per_s", "ms_per_output_token", "mean_accepted_length", "speedup", "speedup_over_tau")
+
+
+def _values(rows: list[Row], name: str) -> list[float]:
+    return [getattr(r, name) for r in rows if getattr(r, name) is not None]
+
+
+def _median(rows: list[Row], name: str) -> float | None:
+    values = _values(rows, name)
+    return statistics.median(values) if values else None
 
 
 def check_divergences(rows: list[Row], target, prompts: list[list[int]]) -> None:
@@ -386,16 +437,26 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
+    """The report's table; with several rounds, each setting's medians (speedup: median (lowest-highest))."""
+    rounds = 1 + max((r.round for r in rows), default=0)
+    shown = median_rows(rows) if rounds > 1 else rows
     header = "dtype method batch T tok/s ms/token τ speedup speedup/τ identical".split() + ["near-ties only"]
     cells = []
-    for r in rows:
+    for r in shown:
         ties = "-" if r.only_near_ties is None or r.outputs_identical else ("yes" if r.only_near_ties else "NO")
+        speedup = ratio_cell(r.speedup)
+        if r.speedup_range is not None:
+            speedup += f" ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
         cells.append(
             [r.dtype, r.method, str(r.batch_size), f"{r.temperature:g}", f"{r.output_tokens_per_s:.1f}"]
-            + [f"{r.ms_per_output_token:.1f}", f"{r.mean_accepted_length:.2f}", ratio_cell(r.speedup)]
+            + [f"{r.ms_per_output_token:.1f}", f"{r.mean_accepted_length:.2f}", speedup]
             + [ratio_cell(r.speedup_over_tau), identity(r), ties]
         )
-    return markdown(header, cells)
+    table = markdown(header, cells)
+    if rounds == 1:
+        return table
+    note = f"Medians over {rounds} rounds (engines alternated round by round; each speedup against its round's)"
+    return f"{note}:\n\n{table}"
 
 
 def ratio_cell(x: float | None, suffix: str = "") -> str:
@@ -497,7 +558,13 @@ def write_result_files(out: Path, title: str, info: dict, results: dict, body: s
 
 def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
     """out.json (every row, with the run's machine and versions), out.md (the table) and out.png."""
-    rows_json = [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rows]
+
+    def as_json(rs: list[Row]) -> list[dict]:
+        return [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in rs]
+
+    results = {"rows": as_json(rows)}
+    if any(r.round for r in rows):
+        results["medians"] = as_json(median_rows(rows))
     body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"
-    write_result_files(out, "Throughput", {**run_info(command), **extra}, {"rows": rows_json}, body)
-    plot(rows, out.with_suffix(".png"))
+    write_result_files(out, "Throughput", {**run_info(command), **extra}, results, body)
+    plot(median_rows(rows), out.with_suffix(".png"))

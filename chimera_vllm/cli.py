@@ -277,6 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.max_new_tokens,
         eos_token_ids(tokenizer, generation_config(args.target)),
         tune_schedule=args.tune_schedule,
+        rounds=args.rounds,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
     )
@@ -618,6 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="then run chimera:auto: vLLM's batch-size schedule with the fastest measured K per batch size, "
         "and chimera+ngram:K:D:auto for each chimera+ngram method: per batch size the fastest of itself, "
         "a measured chimera:k with k <= D (its drafts capped at k) and no speculation",
+    )
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine N times, the methods alternating within each round (a machine's speed drifts "
+        "between engines minutes apart): the report gives each setting's medians and its per-round speedups' range",
     )
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])

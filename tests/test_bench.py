@@ -169,3 +169,45 @@ def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypat
     assert "LD_PRELOAD" not in os.environ  # only engines started later get it
     monkeypatch.setenv("LD_PRELOAD", "/torch.libs/libgomp-a34b3233.so.1")
     assert run_info("x")["openmp"] == "gnu"
+
+
+def test_rounds_give_each_setting_the_median_of_its_per_round_speedups():
+    """Each round's engines are compared with that round's no-speculation engine, not a pooled one."""
+    from chimera_vllm.bench import markdown_table, median_rows
+
+    rows = [_row("none", 1, 10.0), _row("chimera:2", 1, 15.0), _row("none", 1, 20.0), _row("chimera:2", 1, 22.0)]
+    rows += [_row("none", 1, 16.0), _row("chimera:2", 1, 20.0)]
+    for i, r in enumerate(rows):
+        r.round = i // 2
+    add_ratios(rows)
+    assert [r.speedup for r in rows[1::2]] == pytest.approx([1.5, 1.1, 1.25])
+    none, chimera = median_rows(rows)
+    assert (none.method, none.output_tokens_per_s, none.speedup_range) == ("none", 16.0, (1.0, 1.0))
+    assert chimera.output_tokens_per_s == 20.0 and chimera.speedup == pytest.approx(1.25)
+    assert chimera.speedup_range == pytest.approx((1.1, 1.5))
+    table = markdown_table(rows)
+    assert "Medians over 3 rounds" in table and "| 1.25 (1.10-1.50) |" in table
+    assert median_rows(rows[:2]) == rows[:2] and "Medians" not in markdown_table(rows[:2])  # one round: as measured
+
+
+@pytest.mark.parametrize(
+    "rounds,tune,message",
+    [(0, False, "--rounds must be 1 or more, got 0"), (2, True, "--rounds 2 alternates fixed methods")],
+)
+def test_bad_rounds_are_refused_before_an_engine_starts(rounds, tune, message):
+    from chimera_vllm.bench import run
+
+    with pytest.raises(ValueError, match=message):
+        run(
+            "no-such-target",
+            {},
+            [[1]],
+            [Method("chimera", 2)],
+            [1],
+            ["bfloat16"],
+            [0.0],
+            8,
+            set(),
+            tune_schedule=tune,
+            rounds=rounds,
+        )
