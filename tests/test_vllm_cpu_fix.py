@@ -1,4 +1,5 @@
-"""The project's fixes to vLLM-CPU's speculative sampling: the recovered-token noise."""
+"""The project's fixes to vLLM-CPU's speculative sampling: the recovered-token noise, the plain
+sampler for steps without drafts, and greedy verification from one arg-max."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 pytest.importorskip("vllm")
 
 from chimera_vllm.vllm_cpu_fix import (  # noqa: E402
+    greedy_by_argmax,
     inverse_exponential_noise,
+    plain_greedy,
     sample_recovered_tokens,
     sample_without_drafts,
 )
@@ -95,3 +98,107 @@ def test_only_a_step_without_drafts_or_logprobs_leaves_the_rejection_sampler_out
     assert seen == [None if plain else metadata]
     sample(runner, torch.zeros(2, 5), None)  # without speculation: untouched
     assert seen[-1] is None
+
+
+def greedy_metadata(batch_size: int, **changes):
+    """vLLM's sampling metadata of a batch of plain greedy requests (its built-in processors idle)."""
+    from dataclasses import replace
+
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    cpu = torch.device("cpu")
+    processors = LogitsProcessors(
+        [MinTokensLogitsProcessor(None, cpu, False), LogitBiasLogitsProcessor(None, cpu, False)]
+    )
+    metadata = SamplingMetadata(
+        temperature=None,
+        all_greedy=True,
+        all_random=False,
+        top_p=None,
+        top_k=None,
+        generators={},
+        max_num_logprobs=None,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(batch_size),
+        presence_penalties=torch.zeros(batch_size),
+        repetition_penalties=torch.ones(batch_size),
+        output_token_ids=[[] for _ in range(batch_size)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=processors,
+    )
+    return replace(metadata, **changes)
+
+
+def spec_metadata(num_draft_tokens: list[int], draft_token_ids: list[int]):
+    """Each request's rows in the logits: its draft positions, then its bonus position."""
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    starts = torch.tensor([0, *num_draft_tokens[:-1]]).cumsum(0) + torch.arange(len(num_draft_tokens))
+    target = torch.cat([start + torch.arange(n) for start, n in zip(starts.tolist(), num_draft_tokens)])
+    bonus = starts + torch.tensor(num_draft_tokens)
+    return SpecDecodeMetadata(
+        draft_token_ids=torch.tensor(draft_token_ids, dtype=torch.int32),
+        num_draft_tokens=num_draft_tokens,
+        cu_num_draft_tokens=torch.tensor(num_draft_tokens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        cu_num_sampled_tokens=torch.tensor(num_draft_tokens, dtype=torch.int32).add(1).cumsum(0, dtype=torch.int32),
+        target_logits_indices=target.int(),
+        bonus_logits_indices=bonus.int(),
+        logits_indices=torch.arange(len(draft_token_ids) + len(num_draft_tokens), dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_verification_by_one_argmax_gives_vllms_tokens(cpu_kernels, dtype):
+    """200 requests with 0-4 drafts each, each draft the target's arg-max with probability 0.7
+    (so prefixes of every length are kept), over logits with many exact ties (8 distinct values):
+    the fast path returns vLLM's own tokens, ties broken alike."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 5, (200,), generator=g).tolist()
+    logits = torch.randint(0, 8, (sum(counts) + len(counts), 300), generator=g).to(dtype)
+    metadata = spec_metadata(counts, [0] * sum(counts))
+    argmax = logits.argmax(-1)[metadata.target_logits_indices.long()]
+    right = torch.rand(len(argmax), generator=g) < 0.7
+    drafts = torch.where(right, argmax, torch.randint(0, 300, argmax.shape, generator=g)).int()
+    metadata.draft_token_ids = drafts
+    sampler = RejectionSampler(Sampler())
+    original = getattr(RejectionSampler.forward, "__wrapped__", RejectionSampler.forward)
+    expected = original(sampler, metadata, None, logits.clone(), greedy_metadata(len(counts))).sampled_token_ids
+    got = greedy_by_argmax(original)(sampler, metadata, None, logits, greedy_metadata(len(counts)))
+    assert got.logprobs_tensors is None
+    assert torch.equal(got.sampled_token_ids, expected)
+    kept = (expected != -1).sum(1) - 1
+    assert set(kept.tolist()) == set(range(5))  # every number of kept drafts occurs
+
+
+def test_only_a_plain_greedy_step_is_verified_by_argmax():
+    """Anything that changes a logit or reads one sends the step through vLLM's own path."""
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
+
+    sampler = SimpleNamespace(synthetic_mode=False)
+    assert plain_greedy(sampler, greedy_metadata(2))
+    changed = [
+        dict(all_greedy=False),
+        dict(max_num_logprobs=0),
+        dict(logprob_token_ids={0: [5]}),
+        dict(no_penalties=False),
+        dict(allowed_token_ids_mask=torch.zeros(2, 10, dtype=torch.bool)),
+        dict(bad_words_token_ids={1: [[3]]}),
+    ]
+    for change in changed:
+        assert not plain_greedy(sampler, greedy_metadata(2, **change)), change
+    assert not plain_greedy(SimpleNamespace(synthetic_mode=True), greedy_metadata(2))
+    for processor_type, state in ((MinTokensLogitsProcessor, "min_toks"), (LogitBiasLogitsProcessor, "biases")):
+        metadata = greedy_metadata(2)
+        busy = next(p for p in metadata.logitsprocs.non_argmax_invariant if isinstance(p, processor_type))
+        getattr(busy, state)[0] = "active"
+        assert not plain_greedy(sampler, metadata), processor_type
+    metadata = greedy_metadata(2)
+    metadata.logitsprocs.non_argmax_invariant.append(SimpleNamespace())  # a processor of the user's own
+    assert not plain_greedy(sampler, metadata)
