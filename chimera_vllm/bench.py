@@ -463,14 +463,16 @@ def ratio_cell(x: float | None, suffix: str = "") -> str:
     return "-" if x is None else f"{x:.2f}{suffix}"
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Throughput against batch size per method (one panel per dtype and temperature), and the
-    acceptance rate by draft position of each speculative method (at its smallest batch size)."""
+def plot(measured: list[Row], path: Path) -> None:
+    """Throughput against batch size per method (one panel per dtype and temperature; with several
+    rounds the medians, each round a faint dot), and the acceptance rate by draft position of each
+    speculative method (at its smallest batch size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = median_rows(measured)
     panels = sorted({(r.dtype, r.temperature) for r in rows})
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.method for r in rows))}  # one per method
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
@@ -483,8 +485,15 @@ def plot(rows: list[Row], path: Path) -> None:
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method, color=color)
+            if any(r.round for r in measured):
+                rounds = [
+                    (r.batch_size, r.output_tokens_per_s)
+                    for r in measured
+                    if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
+                ]
+                ax.scatter(*zip(*rounds), color=color, alpha=0.3, s=12)
         sizes = sorted({r.batch_size for r in rows})
-        ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s")
+        ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s", ylim=(0, None))
         ax.set(title=f"{dtype}, T={temperature:g}", xticks=sizes, xticklabels=[str(b) for b in sizes])
         ax.minorticks_off()
         ax.legend()
@@ -567,4 +576,4 @@ def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:
         results["medians"] = as_json(median_rows(rows))
     body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"
     write_result_files(out, "Throughput", {**run_info(command), **extra}, results, body)
-    plot(median_rows(rows), out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"))

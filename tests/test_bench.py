@@ -171,9 +171,9 @@ def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypat
     assert run_info("x")["openmp"] == "gnu"
 
 
-def test_rounds_give_each_setting_the_median_of_its_per_round_speedups():
+def test_rounds_give_each_setting_the_median_of_its_per_round_speedups(tmp_path):
     """Each round's engines are compared with that round's no-speculation engine, not a pooled one."""
-    from chimera_vllm.bench import markdown_table, median_rows
+    from chimera_vllm.bench import markdown_table, median_rows, plot
 
     rows = [_row("none", 1, 10.0), _row("chimera:2", 1, 15.0), _row("none", 1, 20.0), _row("chimera:2", 1, 22.0)]
     rows += [_row("none", 1, 16.0), _row("chimera:2", 1, 20.0)]
@@ -188,6 +188,8 @@ def test_rounds_give_each_setting_the_median_of_its_per_round_speedups():
     table = markdown_table(rows)
     assert "Medians over 3 rounds" in table and "| 1.25 (1.10-1.50) |" in table
     assert median_rows(rows[:2]) == rows[:2] and "Medians" not in markdown_table(rows[:2])  # one round: as measured
+    plot(rows, tmp_path / "rounds.png")  # the medians, each round a dot
+    assert (tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
