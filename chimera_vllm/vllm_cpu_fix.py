@@ -39,6 +39,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -138,18 +139,39 @@ def plain_greedy(rejection_sampler, sampling_metadata) -> bool:
         return isinstance(processor, LogitBiasLogitsProcessor) and not processor.biases
 
     m = sampling_metadata
-    holder = m.thinking_budget_state_holder
+    holder = getattr(m, "thinking_budget_state_holder", None)  # fields a vLLM version may not have
     return (
         m.all_greedy
         and m.max_num_logprobs is None
-        and not m.logprob_token_ids
+        and not getattr(m, "logprob_token_ids", None)
         and m.no_penalties
         and m.allowed_token_ids_mask is None
         and not m.bad_words_token_ids
         and (holder is None or not holder.has_tracked_requests())
-        and not rejection_sampler.synthetic_mode
+        and not getattr(rejection_sampler, "synthetic_mode", False)
         and all(idle(p) for p in m.logitsprocs.non_argmax_invariant)
     )
+
+
+# vLLM 0.32's private greedy-verification wrapper, which greedy_by_argmax calls.
+GREEDY_KERNEL_PARAMETERS = (
+    "output_token_ids",
+    "cu_num_draft_tokens",
+    "draft_token_ids",
+    "target_argmax",
+    "bonus_token_ids",
+    "is_greedy",
+    "max_spec_len",
+    "uniform_probs",
+    "synthetic_conditional_rates",
+)
+
+
+def greedy_kernel_fits(rejection_sampler_module) -> bool:
+    """Whether the module's ``_rejection_greedy_sample`` takes what greedy_by_argmax passes; with
+    another vLLM's signature fix 4 stays off rather than fail at the first greedy step."""
+    kernel = getattr(rejection_sampler_module, "_rejection_greedy_sample", None)
+    return kernel is not None and tuple(inspect.signature(kernel).parameters) == GREEDY_KERNEL_PARAMETERS
 
 
 def greedy_by_argmax(original):
@@ -169,15 +191,15 @@ def greedy_by_argmax(original):
             (batch_size, metadata.max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=logits.device
         )
         _rejection_greedy_sample(
-            output,
-            metadata.cu_num_draft_tokens,
-            metadata.draft_token_ids,
-            argmax[metadata.target_logits_indices],
-            argmax[metadata.bonus_logits_indices].unsqueeze(-1),
-            None,
-            metadata.max_spec_len,
-            None,
-            None,
+            output_token_ids=output,
+            cu_num_draft_tokens=metadata.cu_num_draft_tokens,
+            draft_token_ids=metadata.draft_token_ids,
+            target_argmax=argmax[metadata.target_logits_indices],
+            bonus_token_ids=argmax[metadata.bonus_logits_indices].unsqueeze(-1),
+            is_greedy=None,  # every request is
+            max_spec_len=metadata.max_spec_len,
+            uniform_probs=None,
+            synthetic_conditional_rates=None,
         )
         return SamplerOutput(sampled_token_ids=output, logprobs_tensors=None)
 
@@ -198,4 +220,5 @@ def install() -> None:
 
         rejection_sampler.sample_recovered_tokens = sample_recovered_tokens
         patch_once(GPUModelRunner, "_sample", sample_without_drafts)
-        patch_once(rejection_sampler.RejectionSampler, "forward", greedy_by_argmax)
+        if greedy_kernel_fits(rejection_sampler):
+            patch_once(rejection_sampler.RejectionSampler, "forward", greedy_by_argmax)

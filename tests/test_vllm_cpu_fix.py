@@ -13,6 +13,7 @@ pytest.importorskip("vllm")
 
 from chimera_vllm.vllm_cpu_fix import (  # noqa: E402
     greedy_by_argmax,
+    greedy_kernel_fits,
     inverse_exponential_noise,
     plain_greedy,
     sample_recovered_tokens,
@@ -202,3 +203,11 @@ def test_only_a_plain_greedy_step_is_verified_by_argmax():
     metadata = greedy_metadata(2)
     metadata.logitsprocs.non_argmax_invariant.append(SimpleNamespace())  # a processor of the user's own
     assert not plain_greedy(sampler, metadata)
+
+
+def test_the_argmax_verification_is_installed_only_over_the_greedy_kernel_it_calls():
+    from vllm.v1.sample import rejection_sampler
+
+    assert greedy_kernel_fits(rejection_sampler)  # the vLLM installed here
+    assert not greedy_kernel_fits(SimpleNamespace(_rejection_greedy_sample=lambda output, target_argmax: None))
+    assert not greedy_kernel_fits(SimpleNamespace())
