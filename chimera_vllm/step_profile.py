@@ -5,7 +5,8 @@ trace (Chrome JSON) is then summed by the functions and modules below and divide
 number of target forward passes, so every figure is milliseconds per engine step. A
 component counts once even where its function calls itself or a same-named function
 (vLLM's ``propose_draft_token_ids`` calls another one), and components nest as listed: a
-child's time is part of its parent's.
+child counts only inside its parent (the draft's encoder layer runs vLLM's attention too, but
+only the target's counts under "target forward"), so its time is part of its parent's.
 
 The profiled steps should all be alike: the command starts as many requests as the batch
 holds, all at once, so that their prefills fall in the unprofiled first steps, and lets them
@@ -16,6 +17,7 @@ of one run, not with unprofiled throughput.
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import re
@@ -29,6 +31,10 @@ from .vllm_engine import close_llm, generate, make_llm, warm_up
 COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("engine step", 0, r"gpu_model_runner\.py\(\d+\): (execute_model|sample_tokens)$"),
     ("target forward", 1, r"gpu_model_runner\.py\(\d+\): _model_forward$"),
+    ("linear layers", 2, r"^(_C::onednn_mm|_C::weight_packed_linear|aten::(linear|addmm|mm|matmul))$"),
+    ("attention", 2, r"^vllm::unified_attention(_with_output)?$"),
+    ("KV-cache writes", 2, r"^vllm::unified_kv_cache_update$"),
+    ("target LM head", 1, r"model_executor/models/(?!medusa\.py)\w+\.py\(\d+\): compute_logits$"),
     ("sampling / verification", 1, r"gpu_model_runner\.py\(\d+\): _sample$"),
     ("temperature, top-k/p (verification)", 2, r"rejection_sampler\.py\(\d+\): apply_sampling_constraints$"),
     ("rejection sampling", 2, r"rejection_sampler\.py\(\d+\): rejection_sample$"),
@@ -52,23 +58,44 @@ class StepProfile:
     ms_per_step: dict[str, float]
 
 
-def _outermost_total_us(events: list[dict], pattern: re.Pattern) -> tuple[float, int]:
-    """Total duration and count of the matching events not inside another matching event."""
-    total, count, end = 0.0, 0, float("-inf")
+Span = tuple[float, float]
+
+
+def _outermost_spans(events: list[dict], pattern: re.Pattern) -> list[Span]:
+    """(start, end) of the matching events not inside another matching event, in time order."""
+    spans: list[Span] = []
     for e in sorted((e for e in events if pattern.search(e["name"])), key=lambda e: e["ts"]):
-        if e["ts"] >= end:
-            total, count, end = total + e["dur"], count + 1, e["ts"] + e["dur"]
-    return total, count
+        if not spans or e["ts"] >= spans[-1][1]:
+            spans.append((e["ts"], e["ts"] + e["dur"]))
+    return spans
+
+
+def _inside(spans: list[Span], parents: list[Span]) -> list[Span]:
+    """The spans that lie within one of parents (time-ordered, not overlapping)."""
+    starts = [start for start, _ in parents]
+    kept = []
+    for start, end in spans:
+        i = bisect.bisect_right(starts, start) - 1
+        if i >= 0 and end <= parents[i][1]:
+            kept.append((start, end))
+    return kept
 
 
 def summarize(events: list[dict]) -> StepProfile:
     """Per-step time by component from a Chrome trace's complete ("X") events."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    found = {label: _outermost_total_us(complete, re.compile(pattern)) for label, _, pattern in COMPONENTS}
-    steps = found["target forward"][1]  # one target forward per engine step
+    found: dict[str, list[Span]] = {}
+    path: list[str] = []  # the labels of the current component's ancestors, by depth
+    for label, depth, pattern in COMPONENTS:
+        del path[depth:]
+        spans = _outermost_spans(complete, re.compile(pattern))
+        found[label] = _inside(spans, found[path[-1]]) if path else spans
+        path.append(label)
+    steps = len(found["target forward"])  # one target forward per engine step
     if steps == 0:
         raise ValueError("the trace holds no target forward pass (was the profiler running during generate?)")
-    return StepProfile(steps, {label: total / 1e3 / steps for label, (total, count) in found.items() if count})
+    ms = {label: sum(end - start for start, end in spans) / 1e3 / steps for label, spans in found.items()}
+    return StepProfile(steps, {label: t for label, t in ms.items() if found[label]})
 
 
 def read_trace(trace_dir: str | Path) -> list[dict]:

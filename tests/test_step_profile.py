@@ -30,19 +30,31 @@ def _chimera_step(t0: float, cpu: bool = False) -> list[dict]:
         ("nn.Module: ChimeraEncoderLayer_0", 120, 127),
         ("/x/chimera_vllm/vllm_cpu_gemm.py(50): residual_head" if cpu else "nn.Module: ResidualHeads_0", 127, 129),
         ("/x/chimera_vllm/vllm_model.py(190): greedy_tokens", 130, 135),
-        ("aten::mm", 20, 30),  # not a component
+        ("_C::onednn_mm", 20, 30),
+        ("aten::addmm", 31, 33),  # onednn_mm's twin, as a plain torch op
+        ("aten::add", 33, 34),  # not a component
+        ("vllm/model_executor/models/llama.py(546): compute_logits", 72, 80),
+        ("vllm/model_executor/models/medusa.py(90): compute_logits", 140, 141),  # a Medusa draft's
+        ("vllm::unified_attention_with_output", 40, 46),
+        ("vllm::unified_kv_cache_update", 46, 47),
+        ("vllm::unified_attention_with_output", 121, 123),  # the draft's: not the target's attention
+        ("vllm::unified_kv_cache_update", 113, 114),  # the context write's
     ]
     return [_event(name, t0 + a, t0 + b) for name, a, b in spans]
 
 
 @pytest.mark.parametrize("cpu", [False, True])
-def test_components_are_summed_per_target_forward_pass(cpu):
+def test_components_are_summed_per_target_forward_pass_each_inside_its_parent(cpu):
     events = _chimera_step(0, cpu) + _chimera_step(1000, cpu) + [{"ph": "i", "name": "marker", "ts": 5}]
     profile = summarize(events)
     assert profile.steps == 2
     expected_us = {
         "engine step": 150,
         "target forward": 60,
+        "linear layers": 12,
+        "attention": 6,
+        "KV-cache writes": 1,
+        "target LM head": 8,
         "sampling / verification": 10,
         "draft proposal": 35,
         "write context (Chimera)": 3,
