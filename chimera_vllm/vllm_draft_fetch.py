@@ -12,6 +12,7 @@ steps. Other drafts are left alone: vLLM's ``custom_class`` proposers, for one, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from .vllm_patch import patch_once
@@ -23,6 +24,7 @@ SCHEDULED_K = "chimera_scheduled_num_spec_tokens"  # set on the scheduler by its
 def record_scheduled_k(original: Callable) -> Callable:
     """Scheduler.schedule that also keeps the K it gave the step's proposer."""
 
+    @functools.wraps(original)
     def schedule(self, *args, **kwargs):
         scheduler_output = original(self, *args, **kwargs)
         setattr(self, SCHEDULED_K, scheduler_output.num_spec_tokens_to_schedule)
@@ -44,6 +46,7 @@ def drafts_to_fetch(engine_core) -> bool:
 def skip_empty_fetch(original: Callable) -> Callable:
     """EngineCore.post_step (in vLLM 0.32 only the draft fetch) skipped after a K = 0 step."""
 
+    @functools.wraps(original)
     def post_step(self, model_executed: bool) -> None:
         if model_executed and not drafts_to_fetch(self):
             return
