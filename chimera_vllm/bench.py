@@ -473,6 +473,7 @@ def plot(measured: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = median_rows(measured)
+    several_rounds = any(r.round for r in measured)
     panels = sorted({(r.dtype, r.temperature) for r in rows})
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.method for r in rows))}  # one per method
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
@@ -483,9 +484,10 @@ def plot(measured: list[Row], path: Path) -> None:
                 for r in rows
                 if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
             )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method, color=color)
-            if any(r.round for r in measured):
+            if not pts:  # e.g. transformers' generate, greedy only, in a T > 0 panel
+                continue
+            ax.plot(*zip(*pts), marker="o", label=method, color=color)
+            if several_rounds:
                 rounds = [
                     (r.batch_size, r.output_tokens_per_s)
                     for r in measured
