@@ -94,8 +94,10 @@ def summarize(events: list[dict]) -> StepProfile:
     steps = len(found["target forward"])  # one target forward per engine step
     if steps == 0:
         raise ValueError("the trace holds no target forward pass (was the profiler running during generate?)")
-    ms = {label: sum(end - start for start, end in spans) / 1e3 / steps for label, spans in found.items()}
-    return StepProfile(steps, {label: t for label, t in ms.items() if found[label]})
+    ms_per_step = {
+        label: sum(end - start for start, end in spans) / 1e3 / steps for label, spans in found.items() if spans
+    }
+    return StepProfile(steps, ms_per_step)
 
 
 def read_trace(trace_dir: str | Path) -> list[dict]:
