@@ -9,6 +9,8 @@
 # Then one call per piece (`carry: [".device/targetN"]`; a warm machine keeps what earlier calls
 # carried) and the training call, which carries the last piece and the wheels and runs
 # scripts/device_train.sh: docs/training-smollm2.md, "On a lent GPU machine", has the calls.
+# Training data made here (make-data --out $DEVICE_DIR/data/...; BASE_DATA of the training call) travels
+# in a call of its own; the script checks that it fits.
 # Knobs (environment): PIECE_MIB (default: what fits beside the working tree, at most 30),
 # DEVICE_DIR (default .device), DOWNLOAD_WHEELS (0: no wheel), PYTHON (default .venv/bin/python).
 set -euo pipefail
@@ -21,6 +23,12 @@ tree_mib=$(( ($(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 
 PIECE_MIB=${PIECE_MIB:-$(( (62 - tree_mib) < 30 ? 62 - tree_mib : 30 ))}
 if [ "$PIECE_MIB" -lt 4 ]; then
     echo "the working tree takes ${tree_mib} MiB of the 64 a call carries: no room for the target's pieces" >&2
+    exit 1
+fi
+data_mib=0  # training data made here (BASE_DATA): one call of its own
+[ -d "$dir/data" ] && data_mib=$(find "$dir/data" -type f -printf '%s\n' | awk '{s += $1} END {print int((s + 1048575) / 1048576)}')
+if [ $((tree_mib + data_mib)) -gt 62 ]; then
+    echo "$dir/data (${data_mib} MiB) does not fit beside the working tree (${tree_mib} MiB) in one call: split it" >&2
     exit 1
 fi
 rm -rf "$dir"/target* "$dir/wheels"
@@ -39,4 +47,5 @@ fi
 echo "working tree ${tree_mib} MiB; $gguf in $count pieces:"
 ls -l "$dir"/target*/piece "$dir/wheels"
 echo "device calls, in a row: carry $dir/target1 .. $dir/target$((count - 1)) one a call (command: ls -l $dir),"
+[ "$data_mib" -gt 0 ] && echo "carry $dir/data (${data_mib} MiB) in one call of its own,"
 echo "then the training call with carry [$dir/target$count, $dir/wheels] running scripts/device_train.sh"

@@ -74,10 +74,15 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
     an empty hub cache, trains, evaluates and returns the draft as a tar in pieces of at most 15 MiB."""
     fetch_target("smollm2-135m")
     device = tmp_path / "device"
+    base_data = device / "data" / "answers.jsonl"  # answers made beforehand (on the CPU), as run 10's
+    base_data.parent.mkdir(parents=True)
+    records = [{"input_ids": list(range(100 + i, 140 + i)), "prompt_length": 20, "source": f"b{i}"} for i in range(3)]
+    base_data.write_text("".join(json.dumps(r) + "\n" for r in records))
     env = {**os.environ, "DEVICE_DIR": str(device)}
     pack_env = {**env, "PYTHON": sys.executable, "PIECE_MIB": "40", "DOWNLOAD_WHEELS": "0"}
     pack = subprocess.run(["bash", str(PACK)], env=pack_env, capture_output=True, text=True)
     assert pack.returncode == 0, pack.stderr[-2000:]
+    assert f"carry {device}/data (1 MiB) in one call of its own" in pack.stdout
     pieces = sorted(device.glob("target*/piece"))
     assert [p.parent.name for p in pieces] == ["target1", "target2", "target3"]  # 94 MiB in pieces of <= 40
     assert all(p.stat().st_size <= 40 << 20 for p in pieces)
@@ -96,10 +101,13 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
         TRAIN_ARGS="--save-dtype bfloat16",  # as shipped
         DRAFT_NAME="run",
         TREE_NODES="0",
+        BASE_DATA=str(base_data),
     )
     run = subprocess.run(["bash", str(DEVICE_TRAIN)], env={**env, **knobs}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert f"is ready offline at {hub}" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert f"is ready offline at {hub}" in log
+    assert "5 training sequences" in log  # the 3 carried beside the 2 answered there
     parts = sorted(out.glob("draft.tar.part*"))
     assert parts and all(p.stat().st_size <= 15 << 20 for p in parts)
     back = tmp_path / "back"
@@ -112,3 +120,17 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
     assert json.loads((back / "run" / "eval.json").read_text())["outputs_identical"]
     weights = load_file(back / "run" / "model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_device_pack_refuses_data_that_cannot_travel_in_one_call_and_keeps_the_pieces(tmp_path):
+    device = tmp_path / "device"
+    (device / "target1").mkdir(parents=True)
+    (device / "target1" / "piece").write_bytes(b"an earlier piece")
+    (device / "data").mkdir()
+    with open(device / "data" / "answers.jsonl", "wb") as f:
+        f.truncate(70 << 20)  # sparse: 70 MiB by its size, nothing on disk
+    env = {**os.environ, "DEVICE_DIR": str(device), "PYTHON": sys.executable, "DOWNLOAD_WHEELS": "0"}
+    pack = subprocess.run(["bash", str(PACK)], env=env, capture_output=True, text=True)
+    assert pack.returncode != 0
+    assert f"{device}/data (70 MiB) does not fit beside the working tree" in pack.stderr
+    assert (device / "target1" / "piece").read_bytes() == b"an earlier piece"
