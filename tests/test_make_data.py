@@ -30,7 +30,8 @@ TRAINING_SETS = [
     "humaneval.jsonl.gz",
     "smollm2_written_prompts.jsonl",
     "smollm2_written_prompts_steered.jsonl",
-    "smollm2_written_prompts_steered_seed9.jsonl",
+    "smollm2_written_prompts_steered_seed9.jsonl.gz",
+    "smollm2_written_prompts_steered_seed10.jsonl.gz",
 ]
 
 
@@ -126,7 +127,7 @@ def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
     shipped = {p.name for p in DATA.glob("*.jsonl*")} - {"mt_bench_questions.jsonl"}
     assert shipped == set(TRAINING_SETS), "a prompt file in data/ that this test does not check"
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
-    assert len(prompts) == 7473 + 175 + 252 + 164 + 6585 + 6755 + 13403
+    assert len(prompts) == 7473 + 175 + 252 + 164 + 6585 + 6755 + 13403 + 13427
     assert not [p.source for p in prompts if p.text.strip() in turns]
 
 
