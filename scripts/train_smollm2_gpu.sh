@@ -14,7 +14,8 @@
 # sample of that many of their prompts, e.g. of data/smollm2_written_prompts*.jsonl),
 # MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
 # target-written requests, e.g. data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
-# BASE_DATA (earlier data to mix in), ONLY_DATA (1: stop once the data is made), STEPS, BATCH, LR,
+# BASE_DATA (earlier data files to mix in, plain or gzipped), ONLY_DATA (1: stop once the data is
+# made), STEPS, BATCH, LR,
 # INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
 # HEAD_TYPE (medusa: the Medusa baseline), DRAFT_NAME (the draft's folder in RUN),
 # TRAIN_ARGS (more `chimera-vllm train` options, e.g. "--kl-weight 1"), EVAL_PROMPTS, TREE_NODES
@@ -36,7 +37,10 @@ MAGPIE_SAMPLED=${MAGPIE_SAMPLED:-1}
 MAGPIE_OPENERS=${MAGPIE_OPENERS:-}
 MAX_PROMPT_TOKENS=${MAX_PROMPT_TOKENS:-320}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-320}
-BASE_DATA=${BASE_DATA:-}
+read -ra BASE_DATA <<< "${BASE_DATA:-}"
+for f in ${BASE_DATA[@]+"${BASE_DATA[@]}"}; do
+    [ -f "$f" ] || { echo "BASE_DATA: no file $f" >&2; exit 1; }
+done
 GEN_BATCH=${GEN_BATCH:-1024}
 STEPS=${STEPS:-2000}
 BATCH=${BATCH:-32}
@@ -101,7 +105,9 @@ if [ "$MAGPIE_SAMPLES" -gt 0 ]; then
 fi
 
 if [ ! -s "$RUN/data.jsonl" ]; then
-    cat ${BASE_DATA:+"$BASE_DATA"} "${parts[@]}" | shuf --random-source=<(yes) > "$RUN/data.tmp" && mv "$RUN/data.tmp" "$RUN/data.jsonl"
+    [ $((${#BASE_DATA[@]} + ${#parts[@]})) -gt 0 ] || { echo "no training data: every data knob is off" >&2; exit 1; }
+    gzip -dcf ${BASE_DATA[@]+"${BASE_DATA[@]}"} ${parts[@]+"${parts[@]}"} | shuf --random-source=<(yes) \
+        > "$RUN/data.tmp" && mv "$RUN/data.tmp" "$RUN/data.jsonl"
 fi
 echo "$(wc -l < "$RUN/data.jsonl") training sequences"
 [ "${ONLY_DATA:-0}" = 1 ] && exit 0

@@ -3,6 +3,7 @@ so that a session lent a GPU spends it training, not debugging the script."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -74,15 +75,21 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
     an empty hub cache, trains, evaluates and returns the draft as a tar in pieces of at most 15 MiB."""
     fetch_target("smollm2-135m")
     device = tmp_path / "device"
-    base_data = device / "data" / "answers.jsonl"  # answers made beforehand (on the CPU), as run 10's
-    base_data.parent.mkdir(parents=True)
+    (device / "answers").mkdir(parents=True)  # answers made beforehand (on the CPU), as run 10's
     records = [{"input_ids": list(range(100 + i, 140 + i)), "prompt_length": 20, "source": f"b{i}"} for i in range(3)]
-    base_data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    made = {"a.jsonl": records[:2], "b.jsonl": records[2:]}
+    for name, rows in made.items():
+        (device / "answers" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "DEVICE_DIR": str(device)}
     pack_env = {**env, "PYTHON": sys.executable, "PIECE_MIB": "40", "DOWNLOAD_WHEELS": "0"}
     pack = subprocess.run(["bash", str(PACK)], env=pack_env, capture_output=True, text=True)
     assert pack.returncode == 0, pack.stderr[-2000:]
+    for name in made:  # gzipped into what travels
+        packed = gzip.decompress((device / "data" / f"{name}.gz").read_bytes())
+        assert packed == (device / "answers" / name).read_bytes()
     assert f"carry {device}/data (1 MiB) in one call of its own" in pack.stdout
+    base_data = f"{device}/data/a.jsonl.gz {device}/data/b.jsonl.gz"
+    assert f'BASE_DATA="{base_data}" in the training call' in pack.stdout
     pieces = sorted(device.glob("target*/piece"))
     assert [p.parent.name for p in pieces] == ["target1", "target2", "target3"]  # 94 MiB in pieces of <= 40
     assert all(p.stat().st_size <= 40 << 20 for p in pieces)
@@ -101,13 +108,13 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
         TRAIN_ARGS="--save-dtype bfloat16",  # as shipped
         DRAFT_NAME="run",
         TREE_NODES="0",
-        BASE_DATA=str(base_data),
+        BASE_DATA=base_data,
     )
     run = subprocess.run(["bash", str(DEVICE_TRAIN)], env={**env, **knobs}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     log = (out / "log.txt").read_text()
     assert f"is ready offline at {hub}" in log
-    assert "5 training sequences" in log  # the 3 carried beside the 2 answered there
+    assert "5 training sequences" in log  # the 3 carried in two files beside the 2 answered there
     parts = sorted(out.glob("draft.tar.part*"))
     assert parts and all(p.stat().st_size <= 15 << 20 for p in parts)
     back = tmp_path / "back"
@@ -134,3 +141,23 @@ def test_device_pack_refuses_data_that_cannot_travel_in_one_call_and_keeps_the_p
     assert pack.returncode != 0
     assert f"{device}/data (70 MiB) does not fit beside the working tree" in pack.stderr
     assert (device / "target1" / "piece").read_bytes() == b"an earlier piece"
+
+
+def test_the_gpu_script_names_a_missing_base_data_file_before_it_starts(tmp_path):
+    present = tmp_path / "present.jsonl"
+    present.write_text("")
+    missing = tmp_path / "answers_seed10.jsonl.gz"
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "BASE_DATA": f"{present} {missing}"}
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert f"BASE_DATA: no file {missing}" in run.stderr
+    assert "fetch-target" not in run.stdout  # refused before the first stage
+
+
+def test_the_gpu_script_refuses_to_train_on_no_data(tmp_path):
+    fetch_target("smollm2-135m")
+    knobs = dict(RUN=str(tmp_path / "run"), PYTHON=sys.executable, GREEDY="0", SAMPLED_COPIES="0", GSM8K_PROMPTS="0")
+    run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, **knobs}, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "no training data: every data knob is off" in run.stderr
+    assert not (tmp_path / "run" / "data.jsonl").exists()
