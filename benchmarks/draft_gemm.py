@@ -9,7 +9,7 @@ overhead), generates for the same prompts with the two settings in turn, ``--rou
 setting is the kernel's row limit, read at every call. This machine's noise moves whole runs by
 ±15%, so compare the two settings within a round. Prints and writes (OUT.json, OUT.md) ms per
 engine step of the target forward and of the draft proposal, and the draft's two parts per draft
-token. On a CPU where the kernel is not chosen (float32, AMX, AVX2) the two settings are the same.
+token. On a CPU where the kernel is not chosen (float32, AVX2 only) the two settings are the same.
 """
 
 from __future__ import annotations

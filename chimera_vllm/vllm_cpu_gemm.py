@@ -9,10 +9,12 @@ bf16, one core of this project's Xeon: a [1728, 1728] matmul 306 vs 93 µs, the
 [8192, 576] draft LM head 445 vs 133 µs). The CUDA path keeps the fused Triton kernels.
 
 vLLM's dispatch takes its small-GEMM kernel (``weight_packed_linear``) only on CPUs with AMX
-and only for weights under 1 MiB. On an AVX512-BF16 CPU without AMX that kernel beats oneDNN
-for a few rows at every draft shape (benchmarks/results/cpu-gemm-avx512-cold.md and -warm.md),
-so there the draft's matmuls, its encoder layer's included, take it for decode-sized batches
-(a four-token proposal 28% cheaper in vLLM: benchmarks/results/draft-gemm-avx512.md).
+and only for weights under 1 MiB. For the draft's larger weights at decode-sized batches it
+beats oneDNN too: on an AVX512-BF16 CPU without AMX at every draft shape up to 8 rows
+(benchmarks/results/cpu-gemm-avx512-cold.md and -warm.md), with AMX at one row
+(cpu-gemm-amx-*.md). So the draft's matmuls, its encoder layer's included, take it for
+decode-sized batches: a four-token proposal 28% cheaper in vLLM without AMX
+(benchmarks/results/draft-gemm-avx512.md), a two-token one 17% with AMX (draft-gemm-amx.md).
 """
 
 from __future__ import annotations
@@ -32,15 +34,9 @@ SMALL_GEMM_MAX_ROWS = 8
 
 def small_gemm_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [N, K] packed for vLLM's small-GEMM kernel where that kernel beats vLLM's own choice for
-    a few rows (bf16 on an AVX512-BF16 CPU without AMX, N a multiple of 16, K of 32), else None."""
+    a few rows (bf16 on an AVX512-BF16 CPU, N a multiple of 16, K of 32), else None."""
     n, k = weight.shape
-    faster = (
-        weight.dtype == torch.bfloat16
-        and torch.cpu._is_avx512_bf16_supported()
-        and not torch.cpu._is_amx_tile_supported()
-        and n % 16 == 0
-        and k % 32 == 0
-    )
+    faster = weight.dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported() and n % 16 == 0 and k % 32 == 0
     return torch.ops._C.convert_weight_packed(weight) if faster else None
 
 

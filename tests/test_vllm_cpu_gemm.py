@@ -33,7 +33,7 @@ def _randomized(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 # H=64: bf16 weights under 1 MiB take vLLM's small-GEMM kernel on AMX CPUs; H=576 (SmolLM2) takes oneDNN,
-# or, on an AVX512-BF16 CPU without AMX, the small-GEMM kernel for up to SMALL_GEMM_MAX_ROWS rows (T=5).
+# or, on an AVX512-BF16 CPU, the small-GEMM kernel for up to SMALL_GEMM_MAX_ROWS rows (T=5).
 @pytest.mark.parametrize("T", [5, 16])
 @pytest.mark.parametrize("H", [64, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -87,7 +87,7 @@ def test_small_gemm_kernel_only_for_aligned_bf16_weights():
     assert small_gemm_weight(torch.zeros(960, 576)) is None
     assert small_gemm_weight(torch.zeros(960, 577, dtype=torch.bfloat16)) is None
     assert small_gemm_weight(torch.zeros(961, 576, dtype=torch.bfloat16)) is None
-    on_this_cpu = torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+    on_this_cpu = torch.cpu._is_avx512_bf16_supported()
     assert (small_gemm_weight(torch.zeros(960, 576, dtype=torch.bfloat16)) is not None) == on_this_cpu
 
 
