@@ -9,8 +9,10 @@ The proposer (:mod:`chimera_vllm.vllm_proposer`) runs it in two ways:
   (x_{p-2}, x_{p-1}, x_p) at position p attends to the cache (its own key/value is
   written at slot p first, as the attention layer always does), the encoder's
   output ĥ_p then replaces e_p's key/value at slot p (the context the next step
-  sees), and the residual head of step k turns ĥ_p and the anchor h_a into the
-  features the target's LM head reads.
+  sees; the last step skips this: a slot past the verified tokens is read only by a
+  later step of the same proposal, and once p is verified the slot holds the
+  key/value of the target's h_p), and the residual head of step k turns ĥ_p and the
+  anchor h_a into the features the target's LM head reads.
 
 The two tokens before x_p and the step index k live in persistent buffers that the
 proposer fills before each call, so a captured graph reads them as data.
@@ -104,13 +106,15 @@ class ChimeraEncoderLayer(nn.Module):
         else:
             torch.ops.vllm.unified_kv_cache_update(k, v, _encode_layer_name(attn.layer_name))
 
-    def forward(self, e: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """e [T, H] at positions [T] -> ĥ [T, H]; leaves ĥ's key/value at the query's slot."""
+    def forward(self, e: torch.Tensor, positions: torch.Tensor, keep_output: bool = True) -> torch.Tensor:
+        """e [T, H] at positions [T] -> ĥ [T, H]; with keep_output, ĥ's key/value replaces e's at the
+        query's slot."""
         q, k, v = self._qkv(e, positions)
         out, _ = self.self_attn.o_proj(self.self_attn.attn(q, k, v))
         h = e + out
         h_hat = h + self.mlp(self.post_attention_layernorm(h))
-        self.write_kv(h_hat, positions)
+        if keep_output:
+            self.write_kv(h_hat, positions)
         return h_hat
 
 
@@ -168,10 +172,12 @@ class ChimeraDraftForVLLM(nn.Module):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
+        last_step: bool = False,
     ) -> torch.Tensor:
         """One drafting step: x_p [T], positions p [T], anchors h_a [T, H] -> head features [T, H].
 
-        (x_{p-2}, x_{p-1}) come from ``trigram_context`` and the step from ``draft_step``.
+        (x_{p-2}, x_{p-1}) come from ``trigram_context`` and the step from ``draft_step``; the last
+        step of a proposal does not write ĥ_p into the cache (no later step reads it).
         """
         if inputs_embeds is not None:
             raise NotImplementedError("Chimera drafts take token ids, not input embeddings")
@@ -179,7 +185,7 @@ class ChimeraDraftForVLLM(nn.Module):
         ids = torch.cat([self.trigram_context[:T], input_ids.long()[:, None]], dim=1)
         cpu = self._cpu_gemms()
         e = self._trigram(ids, cpu)
-        h_hat = self.model.encoder(e, positions)
+        h_hat = self.model.encoder(e, positions, keep_output=not last_step)
         if cpu is not None:
             return cpu.residual_head(int(self.draft_step), h_hat, hidden_states)
         features, _ = self.model.heads(self.draft_step, h_hat, hidden_states, None)

@@ -179,6 +179,7 @@ class ChimeraProposer(EagleProposer):
                     input_ids=self.input_ids[:input_batch_size],
                     positions=self._get_positions(input_batch_size),
                     hidden_states=self.hidden_states[:input_batch_size],
+                    last_step=step == num_steps - 1,
                 )
             token, token_probs = self._sample_draft_tokens(features[:batch_size], sampling_metadata)
             tokens.append(token)
