@@ -8,8 +8,10 @@ One engine, in this process (so that wall-clock timers see the model runner: no 
 overhead), generates for the same prompts with the two settings in turn, ``--rounds`` times; the
 setting is the kernel's row limit, read at every call. This machine's noise moves whole runs by
 ±15%, so compare the two settings within a round. Prints and writes (OUT.json, OUT.md) ms per
-engine step of the target forward and of the draft proposal, and the draft's two parts per draft
-token. On a CPU where the kernel is not chosen (float32, AVX2 only) the two settings are the same.
+engine step of the target forward, the draft proposal and its context write, and per draft token
+the draft model (its trigram encoder and encoder layer within it), the draft LM head with its
+arg-max, and vLLM's attention metadata for the step. On a CPU where the kernel is not chosen
+(float32, AVX2 only) the two settings are the same.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ from pathlib import Path
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SETTINGS = {"small-GEMM kernel": 8, "vLLM's dispatch": 0}  # SMALL_GEMM_MAX_ROWS
 RUNNER, DRAFT = "vllm.v1.worker.gpu_model_runner", "chimera_vllm.vllm_model"
-STEP = "target forward"  # one call per engine step
+EAGLE = "vllm.v1.spec_decode.eagle"
+STEP, TOKEN = "target forward", "draft model forward"  # one call per engine step; one per draft token
 TIMED = {  # label: (module, class, method, the label whose calls divide it: per engine step or per draft token)
     STEP: (RUNNER, "GPUModelRunner", "_model_forward", STEP),
     "draft proposal": (RUNNER, "GPUModelRunner", "propose_draft_token_ids", STEP),
-    "draft model forward": (DRAFT, "ChimeraDraftForVLLM", "forward", "draft model forward"),
-    "draft LM head + arg-max": (DRAFT, "ChimeraDraftForVLLM", "greedy_tokens", "draft LM head + arg-max"),
+    "write context": (DRAFT, "ChimeraDraftForVLLM", "write_context", STEP),
+    TOKEN: (DRAFT, "ChimeraDraftForVLLM", "forward", TOKEN),
+    "trigram encoder": (DRAFT, "ChimeraDraftForVLLM", "_trigram", TOKEN),
+    "encoder layer": (DRAFT, "ChimeraEncoderLayer", "forward", TOKEN),
+    "draft LM head + arg-max": (DRAFT, "ChimeraDraftForVLLM", "greedy_tokens", TOKEN),
+    "attention metadata": (EAGLE, "EagleProposer", "build_per_group_and_layer_attn_metadata", TOKEN),
 }
 
 
@@ -126,18 +133,14 @@ def main(argv: list[str] | None = None) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """Every run, then each setting's median; ms per engine step, the draft's parts per draft token."""
     columns = ["tok_s", *TIMED]
-    lines = [
-        "| round | setting | tok/s | target forward (ms/step) | draft proposal (ms/step) | "
-        "draft model forward (ms/token) | draft LM head + arg-max (ms/token) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    units = ["tok/s"] + [f"{label} (ms/{'step' if per == STEP else 'token'})" for label, (*_, per) in TIMED.items()]
+    lines = ["| round | setting | " + " | ".join(units) + " |", "|---|---|" + "---|" * len(columns)]
     lines += [f"| {r['round']} | {r['setting']} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |" for r in rows]
     for setting in SETTINGS:
         mine = [r for r in rows if r["setting"] == setting]
         medians = [statistics.median(r[c] for r in mine) for c in columns]
         lines.append(f"| median | {setting} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()
