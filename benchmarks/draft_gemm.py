@@ -142,5 +142,6 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| median | {setting} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()

@@ -311,6 +311,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
         server_args(args.dtype, args.max_model_len, args.vllm_args),
         args.temperature,
         args.timeout,
+        rounds=args.rounds,
     )
     print(markdown_table(rows))
     if args.out:
@@ -653,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--dtype", default="bfloat16")
     bs.add_argument("--max-model-len", type=int, default=2048)
     bs.add_argument("--timeout", type=float, default=600, help="seconds one load may take")
+    bs.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start every server this many times, methods alternating, and report medians",
+    )
     bs.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
     bs.set_defaults(func=cmd_bench_serving)
 

@@ -6,7 +6,10 @@ answers and measures time to first token (TTFT), time per output token after the
 (TPOT) and end-to-end latency (E2EL). A load is either a concurrency level (that many
 requests in flight, the next one sent when one finishes) or a request rate (Poisson
 arrivals, no limit in flight). Every load is bounded: at most ``num_prompts`` requests and
-``timeout_s`` seconds. Ratios compare each method with no speculation at the same load.
+``timeout_s`` seconds. Ratios compare each method with no speculation at the same load. With
+``rounds`` > 1 every server runs once a round, methods alternating, each ratio against its own
+round's no speculation, and the report gives each method and load its medians: on a machine whose
+speed drifts between servers minutes apart, one round can put a method anywhere in a wide range.
 Used by ``chimera-vllm bench-serving`` and ``benchmarks/serving.py``.
 """
 
@@ -19,12 +22,13 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -76,9 +80,11 @@ class ServingRow:
     e2el_ms: dict[str, float]
     speedup: float | None = None  # output tokens/s over no speculation's at the same load
     tpot_ratio: float | None = None  # median TPOT of no speculation / this one's (>1: faster)
+    round: int = 0  # the pass of run(rounds=...) that measured it
+    speedup_range: tuple[float, float] | None = None  # a median row's lowest and highest round
 
     @classmethod
-    def from_vllm(cls, method: Method, load: Load, result: dict) -> ServingRow:
+    def from_vllm(cls, method: Method, load: Load, result: dict, round: int = 0) -> ServingRow:
         """One row from the result dict of vllm.benchmarks.serve."""
 
         def stats(metric: str) -> dict[str, float]:
@@ -99,6 +105,7 @@ class ServingRow:
             ttft_ms=stats("ttft"),
             tpot_ms=stats("tpot"),
             e2el_ms=stats("e2el"),
+            round=round,
         )
 
 
@@ -244,10 +251,14 @@ def run(
     server_args: list[str],
     temperature: float = 0.0,
     timeout_s: float = 600,
+    rounds: int = 1,
 ) -> list[ServingRow]:
-    """One server per method (no speculation first: every ratio needs it), every load against each."""
+    """One server per method (no speculation first: every ratio needs it), every load against each;
+    rounds: all of that so many times, round after round (median_rows sums them up)."""
     from tqdm.auto import tqdm
 
+    if rounds < 1:
+        raise ValueError(f"--rounds must be 1 or more, got {rounds}")
     if Method("none") not in methods:
         methods = [Method("none"), *methods]
     if not loads:
@@ -258,15 +269,15 @@ def run(
             "use none, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K"
         )
     rows: list[ServingRow] = []
-    bar = tqdm(total=len(methods) * len(loads), desc="loads", unit="load")
-    for method in methods:
+    bar = tqdm(total=rounds * len(methods) * len(loads), desc="loads", unit="load")
+    for round_, method in ((i, m) for i in range(rounds) for m in methods):
         with serve(server_command(target, method.spec(drafts), server_args)) as (base, _):
             for load in loads:
-                bar.set_postfix_str(f"{method}, {load}")
+                bar.set_postfix_str(f"{method}, {load}" + (f", round {round_ + 1}" if rounds > 1 else ""))
                 result = measure_load(
                     base, target, prompts_path, load, num_prompts, max_new_tokens, temperature, timeout_s
                 )
-                rows.append(ServingRow.from_vllm(method, load, result))
+                rows.append(ServingRow.from_vllm(method, load, result, round_))
                 bar.update()
     bar.close()
     add_ratios(rows)
@@ -274,24 +285,72 @@ def run(
 
 
 def add_ratios(rows: list[ServingRow]) -> None:
-    base = {r.load: r for r in rows if r.method == "none"}
+    """Each row's ratios against no speculation at the same load in the same round."""
+    base = {(r.round, r.load): r for r in rows if r.method == "none"}
     for r in rows:
-        b = base.get(r.load)
+        b = base.get((r.round, r.load))
         if b is not None:
             r.speedup = r.output_tokens_per_s / b.output_tokens_per_s
             r.tpot_ratio = b.tpot_ms["p50"] / r.tpot_ms["p50"]
 
 
+def median_rows(rows: list[ServingRow]) -> list[ServingRow]:
+    """One row per method and load: the first round's, with the median over the rounds of every
+    rate, latency percentile and ratio, completions summed, and speedup_range the lowest and
+    highest per-round speedup. A setting measured once keeps its row."""
+    groups: dict[tuple[str, str], list[ServingRow]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.load), []).append(r)
+    return [group[0] if len(group) == 1 else _median_row(group) for group in groups.values()]
+
+
+def _median_row(group: list[ServingRow]) -> ServingRow:
+    def median(name: str) -> float | None:
+        values = [getattr(r, name) for r in group if getattr(r, name) is not None]
+        return statistics.median(values) if values else None
+
+    def median_stats(name: str) -> dict[str, float]:
+        return {key: statistics.median(getattr(r, name)[key] for r in group) for key in getattr(group[0], name)}
+
+    speedups = [r.speedup for r in group if r.speedup is not None]
+    return replace(
+        group[0],
+        requests=sum(r.requests for r in group),
+        completed=sum(r.completed for r in group),
+        speedup_range=(min(speedups), max(speedups)) if speedups else None,
+        **{name: median(name) for name in _MEDIAN_FIELDS},
+        **{f"{metric}_ms": median_stats(f"{metric}_ms") for metric in METRICS},
+    )
+
+
+_MEDIAN_FIELDS = (
+    "duration_s", "output_tokens_per_s", "requests_per_s", "mean_accepted_length", "speedup", "tpot_ratio",
+)  # fmt: skip
+
+
 def markdown_table(rows: list[ServingRow]) -> str:
+    """The report's table; with several rounds, each method and load's medians (speedup: median
+    (lowest-highest)) and the requests completed over all rounds."""
+    rounds = 1 + max((r.round for r in rows), default=0)
+    shown = median_rows(rows) if rounds > 1 else rows
     header = ["method", "load", "done", "tok/s", "req/s", "τ", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms"]
     header += ["E2EL p50 / p99 s", "speedup", "TPOT gain"]
     cells = [
         [r.method, r.load, f"{r.completed}/{r.requests}", f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}"]
         + [f"{r.mean_accepted_length:.2f}", _p50_p99(r.ttft_ms, "{:.0f}"), _p50_p99(r.tpot_ms, "{:.1f}")]
-        + [_p50_p99(r.e2el_ms, "{:.2f}", 1e-3), ratio_cell(r.speedup, "x"), ratio_cell(r.tpot_ratio, "x")]
-        for r in rows
+        + [_p50_p99(r.e2el_ms, "{:.2f}", 1e-3), _speedup_cell(r), ratio_cell(r.tpot_ratio, "x")]
+        for r in shown
     ]
-    return markdown(header, cells)
+    table = markdown(header, cells)
+    if rounds == 1:
+        return table
+    note = f"Medians over {rounds} rounds (servers alternated round by round; each ratio against its round's)"
+    return f"{note}:\n\n{table}"
+
+
+def _speedup_cell(r: ServingRow) -> str:
+    cell = ratio_cell(r.speedup, "x")
+    return cell if r.speedup_range is None else f"{cell} ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
 
 
 def _p50_p99(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:
@@ -299,12 +358,14 @@ def _p50_p99(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:
 
 
 def plot(rows: list[ServingRow], path: Path) -> None:
-    """Median (bar) and p99 (whisker) TTFT, TPOT and E2EL per load, one group of bars per method."""
+    """Median (bar) and p99 (whisker) TTFT, TPOT and E2EL per load, one group of bars per method
+    (over several rounds, the medians of each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = median_rows(rows)
     loads = list(dict.fromkeys(r.load for r in rows))
     methods = list(dict.fromkeys(r.method for r in rows))
     width = 0.8 / len(methods)

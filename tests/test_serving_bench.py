@@ -13,7 +13,16 @@ from chimera_vllm import cli
 from chimera_vllm.bench import Method
 from chimera_vllm.drafts import resolve_draft
 from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY
-from chimera_vllm.serving_bench import PERCENTILES, Load, ServingRow, add_ratios, markdown_table, plot, server_args
+from chimera_vllm.serving_bench import (
+    PERCENTILES,
+    Load,
+    ServingRow,
+    add_ratios,
+    markdown_table,
+    median_rows,
+    plot,
+    server_args,
+)
 
 
 def _result(tok_s: float, tpot_ms: float, tau: float | None = None) -> dict:
@@ -67,6 +76,32 @@ def test_rows_and_ratios_against_no_speculation_at_the_same_load(tmp_path):
     json.dumps([r.__dict__ for r in rows])  # the report's rows are plain JSON
 
 
+def test_rounds_give_each_method_and_load_its_medians_with_ratios_against_its_own_round(tmp_path):
+    """Three rounds whose no-speculation speed drifts: each ratio is against its round's, the table
+    shows medians (speedup with its range) and the requests of every round."""
+    one = Load(concurrency=1)
+    rounds = [(50.0, 75.0, 20.0, 12.5), (40.0, 72.0, 25.0, 13.0), (60.0, 66.0, 17.0, 16.0)]
+    rows = []
+    for i, (none_tok_s, chimera_tok_s, none_tpot, chimera_tpot) in enumerate(rounds):
+        rows.append(ServingRow.from_vllm(Method("none"), one, _result(none_tok_s, none_tpot), round=i))
+        rows.append(ServingRow.from_vllm(Method("chimera", 2), one, _result(chimera_tok_s, chimera_tpot, 1.6), round=i))
+    add_ratios(rows)
+    speedups = [r.speedup for r in rows if r.method == "chimera:2"]
+    assert speedups == pytest.approx([1.5, 1.8, 1.1])  # a ratio against the first round's would give 1.44 and 1.32
+    medians = median_rows(rows)
+    assert [(r.method, r.load) for r in medians] == [("none", "1 in flight"), ("chimera:2", "1 in flight")]
+    chimera = medians[1]
+    assert chimera.speedup == pytest.approx(1.5) and chimera.speedup_range == pytest.approx((1.1, 1.8))
+    assert chimera.output_tokens_per_s == pytest.approx(72.0) and chimera.completed == chimera.requests == 30
+    assert chimera.tpot_ms["p50"] == pytest.approx(13.0 * 1.5) and chimera.tpot_ratio == pytest.approx(20.0 / 12.5)
+    assert medians[0].speedup_range == pytest.approx((1.0, 1.0))
+    table = markdown_table(rows)
+    assert table.startswith("Medians over 3 rounds") and "| chimera:2 | 1 in flight | 30/30 | 72.0 |" in table
+    assert "1.50x (1.10-1.80)" in table and table.count("| none |") == 1
+    plot(rows, tmp_path / "serving.png")
+    assert (tmp_path / "serving.png").stat().st_size > 10_000
+
+
 def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
     args = server_args("float32", 1024, ["--max-num-seqs", "8"])
     assert args[:4] == ["--dtype", "float32", "--max-model-len", "1024"]
@@ -83,6 +118,7 @@ def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
         (["--methods", "ngram:4@2"], "chimera methods take @N"),
         (["--methods", "none", "chimera:2@4", "chimera:2@4"], "method 'chimera:2@4' is listed twice"),
         (["--concurrency", "--request-rates"], "no loads"),
+        (["--rounds", "0"], "--rounds must be 1 or more, got 0"),
     ],
 )
 def test_bench_serving_refuses_bad_loads_and_methods_before_starting_a_server(argv, named, capsys):
