@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import math
 import os
@@ -234,10 +235,16 @@ def measure_load(
         parser = FlexibleArgumentParser()
         add_cli_args(parser)
         args = parser.parse_args(argv)
-        try:
-            return asyncio.run(asyncio.wait_for(main_async(args), timeout_s))
+        try:  # the client prints its arguments and its own report: this module's table replaces both
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = asyncio.run(asyncio.wait_for(main_async(args), timeout_s))
         except TimeoutError as e:
             raise TimeoutError(f"load {load} took longer than {timeout_s:g} s") from e
+    errors = [e for e in result.get("errors", []) if e]
+    if errors:
+        total = len(result["errors"])
+        print(f"load {load}: {len(errors)} of {total} requests failed, the first with: {errors[0]}", file=sys.stderr)
+    return result
 
 
 def run(

@@ -19,6 +19,7 @@ from chimera_vllm.serving_bench import (
     ServingRow,
     add_ratios,
     markdown_table,
+    measure_load,
     median_rows,
     plot,
     server_args,
@@ -100,6 +101,22 @@ def test_rounds_give_each_method_and_load_its_medians_with_ratios_against_its_ow
     assert "1.50x (1.10-1.80)" in table and table.count("| none |") == 1
     plot(rows, tmp_path / "serving.png")
     assert (tmp_path / "serving.png").stat().st_size > 10_000
+
+
+def test_a_load_keeps_the_clients_printout_off_the_console_and_names_failed_requests(monkeypatch, capsys):
+    import vllm.benchmarks.serve as client
+
+    async def client_main(args):
+        print(args, "and the client's own report")
+        return {"errors": ["", "HTTP 400: the prompt is too long", ""]}
+
+    monkeypatch.setattr(client, "main_async", client_main)
+    prompts = os.path.join(os.path.dirname(__file__), "..", "data", "mt_bench_questions.jsonl")
+    result = measure_load("http://127.0.0.1:9", "unused", prompts, Load(concurrency=1), 3, 8)
+    printed = capsys.readouterr()
+    assert result["errors"][1] == "HTTP 400: the prompt is too long"
+    assert "client's own report" not in printed.out
+    assert "1 in flight: 1 of 3 requests failed, the first with: HTTP 400: the prompt is too long" in printed.err
 
 
 def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():

@@ -137,14 +137,18 @@ def test_too_long_request_is_refused_and_the_server_keeps_serving(pair, server):
     assert _ask(client, "completion", False, "the cat ")
 
 
-def test_serving_benchmark_measures_a_load_on_the_chimera_server(pair, server, tmp_path):
+def test_serving_benchmark_measures_a_load_on_the_chimera_server(pair, server, tmp_path, capsys):
     """vLLM's serving client through serving_bench: every request completes, latencies are
-    ordered percentiles, and the trained draft's tokens are accepted."""
+    ordered percentiles, the trained draft's tokens are accepted, and the client's own printout
+    (its arguments, its report) stays off the console."""
     target_dir, _, _, tokenizer = pair
     load = serving_bench.Load(concurrency=4)
     result = serving_bench.measure_load(
         server[0], "tiny", prompts_file(tmp_path, tokenizer, 8, seed=23), load, 8, 24, tokenizer=str(target_dir)
     )
+    printed = capsys.readouterr()
+    assert "Serving Benchmark Result" not in printed.out and "Namespace(" not in printed.out
+    assert "requests failed" not in printed.err
     row = serving_bench.ServingRow.from_vllm(Method.chimera(SERVER_DRAFT_TOKENS, 4), load, result)
     assert (row.requests, row.completed) == (8, 8)
     for stats in (row.ttft_ms, row.tpot_ms, row.e2el_ms):
