@@ -384,12 +384,12 @@ def median_rows(rows: list[Row]) -> list[Row]:
         if len(group) == 1:
             medians.append(group[0])
             continue
-        speedups = _values(group, "speedup")
+        speedups = values_of(group, "speedup")
         medians.append(
             replace(
                 group[0],
                 speedup_range=(min(speedups), max(speedups)) if speedups else None,
-                **{name: _median(group, name) for name in MEDIAN_FIELDS},
+                **{name: median_of(group, name) for name in MEDIAN_FIELDS},
             )
         )
     return medians
@@ -398,12 +398,13 @@ def median_rows(rows: list[Row]) -> list[Row]:
 MEDIAN_FIELDS = ("output_tokens_per_s", "ms_per_output_token", "mean_accepted_length", "speedup", "speedup_over_tau")
 
 
-def _values(rows: list[Row], name: str) -> list[float]:
+def values_of(rows: list, name: str) -> list[float]:
+    """The rows' values of a field, where set (a bench Row or a serving row)."""
     return [getattr(r, name) for r in rows if getattr(r, name) is not None]
 
 
-def _median(rows: list[Row], name: str) -> float | None:
-    values = _values(rows, name)
+def median_of(rows: list, name: str) -> float | None:
+    values = values_of(rows, name)
     return statistics.median(values) if values else None
 
 
@@ -444,9 +445,7 @@ def markdown_table(rows: list[Row]) -> str:
     cells = []
     for r in shown:
         ties = "-" if r.only_near_ties is None or r.outputs_identical else ("yes" if r.only_near_ties else "NO")
-        speedup = ratio_cell(r.speedup)
-        if r.speedup_range is not None:
-            speedup += f" ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
+        speedup = speedup_cell(r.speedup, r.speedup_range)
         cells.append(
             [r.dtype, r.method, str(r.batch_size), f"{r.temperature:g}", f"{r.output_tokens_per_s:.1f}"]
             + [f"{r.ms_per_output_token:.1f}", f"{r.mean_accepted_length:.2f}", speedup]
@@ -461,6 +460,12 @@ def markdown_table(rows: list[Row]) -> str:
 
 def ratio_cell(x: float | None, suffix: str = "") -> str:
     return "-" if x is None else f"{x:.2f}{suffix}"
+
+
+def speedup_cell(speedup: float | None, speedup_range: tuple[float, float] | None, suffix: str = "") -> str:
+    """A speedup, with its lowest and highest round after it when several rounds measured it."""
+    cell = ratio_cell(speedup, suffix)
+    return cell if speedup_range is None else f"{cell} ({speedup_range[0]:.2f}-{speedup_range[1]:.2f})"
 
 
 def plot(measured: list[Row], path: Path) -> None:

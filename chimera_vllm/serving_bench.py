@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from .bench import Method, markdown, ratio_cell
+from .bench import Method, markdown, median_of, ratio_cell, speedup_cell, values_of
 from .prompts import read_prompts
 from .vllm_engine import preload_intel_openmp
 
@@ -312,20 +312,16 @@ def median_rows(rows: list[ServingRow]) -> list[ServingRow]:
 
 
 def _median_row(group: list[ServingRow]) -> ServingRow:
-    def median(name: str) -> float | None:
-        values = [getattr(r, name) for r in group if getattr(r, name) is not None]
-        return statistics.median(values) if values else None
-
     def median_stats(name: str) -> dict[str, float]:
         return {key: statistics.median(getattr(r, name)[key] for r in group) for key in getattr(group[0], name)}
 
-    speedups = [r.speedup for r in group if r.speedup is not None]
+    speedups = values_of(group, "speedup")
     return replace(
         group[0],
         requests=sum(r.requests for r in group),
         completed=sum(r.completed for r in group),
         speedup_range=(min(speedups), max(speedups)) if speedups else None,
-        **{name: median(name) for name in _MEDIAN_FIELDS},
+        **{name: median_of(group, name) for name in _MEDIAN_FIELDS},
         **{f"{metric}_ms": median_stats(f"{metric}_ms") for metric in METRICS},
     )
 
@@ -345,7 +341,8 @@ def markdown_table(rows: list[ServingRow]) -> str:
     cells = [
         [r.method, r.load, f"{r.completed}/{r.requests}", f"{r.output_tokens_per_s:.1f}", f"{r.requests_per_s:.2f}"]
         + [f"{r.mean_accepted_length:.2f}", _p50_p99(r.ttft_ms, "{:.0f}"), _p50_p99(r.tpot_ms, "{:.1f}")]
-        + [_p50_p99(r.e2el_ms, "{:.2f}", 1e-3), _speedup_cell(r), ratio_cell(r.tpot_ratio, "x")]
+        + [_p50_p99(r.e2el_ms, "{:.2f}", 1e-3), speedup_cell(r.speedup, r.speedup_range, "x")]
+        + [ratio_cell(r.tpot_ratio, "x")]
         for r in shown
     ]
     table = markdown(header, cells)
@@ -353,11 +350,6 @@ def markdown_table(rows: list[ServingRow]) -> str:
         return table
     note = f"Medians over {rounds} rounds (servers alternated round by round; each ratio against its round's)"
     return f"{note}:\n\n{table}"
-
-
-def _speedup_cell(r: ServingRow) -> str:
-    cell = ratio_cell(r.speedup, "x")
-    return cell if r.speedup_range is None else f"{cell} ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
 
 
 def _p50_p99(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:
