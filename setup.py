@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="chimera-vllm",
@@ -10,9 +10,12 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder (design card) but install
     # as chimera_vllm.kernels, so no bare top-level package named `kernels` is created.
-    packages=["chimera_vllm", "chimera_vllm.training", "chimera_vllm.kernels", "chimera_vllm.drafts"],
+    packages=["chimera_vllm", *(f"chimera_vllm.{p}" for p in find_packages("chimera_vllm")), "chimera_vllm.kernels"],
     package_dir={"chimera_vllm.kernels": "kernels"},
-    package_data={"chimera_vllm.drafts": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"]},
+    package_data={
+        "chimera_vllm.drafts": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"],
+        "chimera_vllm.data": ["*.jsonl", "*.jsonl.gz", "*.txt", "*.md"],
+    },
     install_requires=[
         "torch>=2.5",
         "transformers>=4.57",
@@ -32,6 +35,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["chimera-vllm=chimera_vllm.cli:main"],
-        "vllm.general_plugins": ["chimera=chimera_vllm.vllm_plugin:register"],
+        "vllm.general_plugins": ["chimera=chimera_vllm.vllm.plugin:register"],
     },
 )

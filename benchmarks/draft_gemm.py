@@ -24,9 +24,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from chimera_vllm.data import MT_BENCH
+
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SETTINGS = {"small-GEMM kernel": 8, "vLLM's dispatch": 0}  # SMALL_GEMM_MAX_ROWS
-RUNNER, DRAFT = "vllm.v1.worker.gpu_model_runner", "chimera_vllm.vllm_model"
+RUNNER, DRAFT = "vllm.v1.worker.gpu_model_runner", "chimera_vllm.vllm.model"
 EAGLE = "vllm.v1.spec_decode.eagle"
 STEP, TOKEN = "target forward", "draft model forward"  # one call per engine step; one per draft token
 TIMED = {  # label: (module, class, method, the label whose calls divide it: per engine step or per draft token)
@@ -79,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=TARGET)
     p.add_argument("--draft", default="smollm2-135m-instruct")
-    p.add_argument("--prompts", default=str(Path(__file__).resolve().parents[1] / "data" / "mt_bench_questions.jsonl"))
+    p.add_argument("--prompts", default=str(MT_BENCH))
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -92,13 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the timers are
-    from chimera_vllm import vllm_cpu_gemm
-    from chimera_vllm.bench import run_info, write_result_files
-    from chimera_vllm.cli import use_offline_hub
+    from chimera_vllm.bench.throughput import run_info, write_result_files
+    from chimera_vllm.data.prompts import encode_prompts
     from chimera_vllm.drafts import resolve_draft
-    from chimera_vllm.prompts import encode_prompts
-    from chimera_vllm.target import load_tokenizer
-    from chimera_vllm.vllm_engine import chimera_spec, close_llm, generate, make_llm, warm_up
+    from chimera_vllm.environment import use_offline_hub
+    from chimera_vllm.reference.target import load_tokenizer
+    from chimera_vllm.vllm import cpu_gemm as vllm_cpu_gemm
+    from chimera_vllm.vllm.engine import chimera_spec, close_llm, generate, make_llm, warm_up
 
     use_offline_hub()
     prompts = encode_prompts(args.prompts, load_tokenizer(args.target))[: args.num_prompts]

@@ -6,7 +6,7 @@ the draft is unsure? An estimate.
 Greedy decoding keeps exactly the drafts that match the target's own continuation, so one
 target pass over each (prompt, greedy continuation) of MT-bench turn 1 and the draft's
 teacher-forced drafts replay any drafting policy exactly
-(``chimera_vllm.prompt_lookup.simulate_greedy_steps``, float32, the transformers reference):
+(``chimera_vllm.vllm.prompt_lookup.simulate_greedy_steps``, float32, the transformers reference):
 the Chimera draft alone at K tokens, vLLM's n-gram proposer alone at K, and prompt lookup
 first (up to K tokens) with the draft model's D tokens where it finds no match
 (``chimera+ngram:K:D``); with ``--min-probabilities``, also each Chimera policy whose draft
@@ -28,9 +28,10 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from chimera_vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
-from chimera_vllm.prompts import encode, read_prompts
-from chimera_vllm.vllm_engine import NGRAM_LOOKUP
+from chimera_vllm.data import MT_BENCH
+from chimera_vllm.data.prompts import encode, read_prompts
+from chimera_vllm.vllm.engine import NGRAM_LOOKUP
+from chimera_vllm.vllm.prompt_lookup import PromptLookup, SimulatedStep, simulate_greedy_steps
 
 
 @dataclass
@@ -117,7 +118,7 @@ def category_table(steps: dict[str, dict[str, list[SimulatedStep]]], cost: CostM
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--draft", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    parser.add_argument("--prompts", default=str(MT_BENCH))
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-k", type=int, default=6, help="the most tokens a policy drafts per step")
@@ -149,12 +150,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from chimera_vllm.bench import markdown, run_info, write_result_files
-    from chimera_vllm.decoding import SpeculativeDecoder
+    from chimera_vllm.bench.throughput import markdown, run_info, write_result_files
     from chimera_vllm.drafts import resolve_draft
-    from chimera_vllm.evaluate import UNCATEGORISED, confident_lengths, draft_predictions, greedy_accepts
-    from chimera_vllm.model import ChimeraDraft
-    from chimera_vllm.target import load_target
+    from chimera_vllm.evaluation.acceptance import UNCATEGORISED, confident_lengths, draft_predictions, greedy_accepts
+    from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.reference.decoding import SpeculativeDecoder
+    from chimera_vllm.reference.target import load_target
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)

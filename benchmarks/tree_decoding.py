@@ -24,13 +24,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from chimera_vllm.bench import markdown, run_info, write_result_files  # noqa: E402
-from chimera_vllm.decoding import SpeculativeDecoder  # noqa: E402
+from chimera_vllm.bench.throughput import markdown, run_info, write_result_files  # noqa: E402
+from chimera_vllm.data import MT_BENCH  # noqa: E402
+from chimera_vllm.data.prompts import encode_prompts  # noqa: E402
 from chimera_vllm.drafts import resolve_draft  # noqa: E402
-from chimera_vllm.model import ChimeraDraft  # noqa: E402
-from chimera_vllm.prompts import encode_prompts  # noqa: E402
-from chimera_vllm.target import eos_token_ids, load_target, load_tokenizer  # noqa: E402
-from chimera_vllm.tree import DraftTree  # noqa: E402
+from chimera_vllm.model.draft import ChimeraDraft  # noqa: E402
+from chimera_vllm.model.tree import DraftTree  # noqa: E402
+from chimera_vllm.reference.decoding import SpeculativeDecoder  # noqa: E402
+from chimera_vllm.reference.target import eos_token_ids, load_target, load_tokenizer  # noqa: E402
 
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=TARGET)
     p.add_argument("--draft", required=True)
-    p.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    p.add_argument("--prompts", default=str(MT_BENCH))
     p.add_argument("--methods", nargs="+", default=["none", "chain:2", "chain:4", "tree:3,2,1,1"])
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1)

@@ -1,7 +1,7 @@
 """Chimera speculative decoding (arXiv 2402.15758) for transformers and vLLM."""
 
-from .config import ChimeraConfig, ChimeraConfigError, TargetSpec
-from .model import ChimeraCheckpointError, ChimeraDraft, TargetParts
+from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec
+from chimera_vllm.model.draft import ChimeraCheckpointError, ChimeraDraft, TargetParts
 
 __all__ = [
     "ChimeraCheckpointError",

@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 dir=${DEVICE_DIR:-.device}
-gguf=$("$py" -c 'from chimera_vllm.fetch import PACKAGED_TARGETS, locate_pieces
+gguf=$("$py" -c 'from chimera_vllm.reference.fetch import PACKAGED_TARGETS, locate_pieces
 print(*locate_pieces(PACKAGED_TARGETS["smollm2-135m"]))')
 mib() { awk '{s += $1} END {print int((s + 1048575) / 1048576)}'; }  # bytes, one figure a line: MiB rounded up
 tree_mib=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1 | mib)  # what travels

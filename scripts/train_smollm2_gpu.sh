@@ -11,9 +11,9 @@
 #
 # Knobs (environment): RUN, DEVICE, GREEDY (0: no greedy non-GSM8K answers), SAMPLED_COPIES,
 # GSM8K_PROMPTS, PROMPT_FILES (more prompt files, one greedy answer each; PROMPT_LIMIT: a seeded
-# sample of that many of their prompts, e.g. of data/smollm2_written_prompts*.jsonl),
+# sample of that many of their prompts, e.g. of chimera_vllm/data/smollm2_written_prompts*.jsonl),
 # MAGPIE_SAMPLES, MAGPIE_SAMPLED, MAGPIE_OPENERS (a file of openers that steer the
-# target-written requests, e.g. data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
+# target-written requests, e.g. chimera_vllm/data/prompt_openers.txt), MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, GEN_BATCH,
 # BASE_DATA (earlier data files to mix in, plain or gzipped), ONLY_DATA (1: stop once the data is
 # made), STEPS, BATCH, LR,
 # INIT_DRAFT, DRAFT_VOCAB_SIZE (default 8192 from the data; with INIT_DRAFT, default: keep its own),
@@ -51,12 +51,12 @@ HEAD_TYPE=${HEAD_TYPE:-residual}
 read -ra TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 read -ra TARGET_GGUF <<< "${TARGET_GGUF:-}"
 DRAFT=$RUN/${DRAFT_NAME:-$([ "$HEAD_TYPE" = medusa ] && echo medusa || echo chimera)}  # the trained draft
-EVAL_PROMPTS=${EVAL_PROMPTS:-data/mt_bench_questions.jsonl}
+EVAL_PROMPTS=${EVAL_PROMPTS:-chimera_vllm/data/mt_bench_questions.jsonl}
 TREE_NODES=${TREE_NODES:-64}
 TREE_PROMPTS=${TREE_PROMPTS:-}
 PYTHON=${PYTHON:-python3}
 TARGET=HuggingFaceTB/SmolLM2-135M-Instruct
-NON_GSM8K=(data/self_instruct_seed_tasks.jsonl data/self_instruct_user_oriented.jsonl data/humaneval.jsonl.gz)
+NON_GSM8K=(chimera_vllm/data/self_instruct_seed_tasks.jsonl chimera_vllm/data/self_instruct_user_oriented.jsonl chimera_vllm/data/humaneval.jsonl.gz)
 cli() { HF_HUB_OFFLINE=1 "$PYTHON" -m chimera_vllm.cli "$@"; }
 parts=()  # the training data's files
 answer() {  # answer OUT PROMPT_FILE... [make-data options]: the target's answers, one per prompt
@@ -86,7 +86,7 @@ if [ "$SAMPLED_COPIES" -gt 0 ]; then
 fi
 if [ "$GSM8K_PROMPTS" -gt 0 ]; then
     stage "greedy answers, $GSM8K_PROMPTS GSM8K prompts"
-    answer greedy_gsm8k.jsonl data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
+    answer greedy_gsm8k.jsonl chimera_vllm/data/gsm8k_train.jsonl --limit "$GSM8K_PROMPTS"
 fi
 if [ ${#PROMPT_FILES[@]} -gt 0 ]; then
     stage "greedy answers, ${PROMPT_FILES[*]}${PROMPT_LIMIT:+ (a sample of $PROMPT_LIMIT prompts)}"
@@ -130,7 +130,7 @@ if [ "$TREE_NODES" -gt 0 ] && [ ! -s "$DRAFT/eval_tree.json" ]; then
     stage "evaluate with a tree of $TREE_NODES drafts (built on training prompts)"
     if [ -z "$TREE_PROMPTS" ]; then
         TREE_PROMPTS=$RUN/tree_prompts.jsonl
-        head -80 data/smollm2_written_prompts.jsonl > "$TREE_PROMPTS"
+        head -80 chimera_vllm/data/smollm2_written_prompts.jsonl > "$TREE_PROMPTS"
     fi
     cli make-tree --target $TARGET --draft "$DRAFT" --prompts "$TREE_PROMPTS" --nodes "$TREE_NODES" \
         --device "$DEVICE" --batch-size 80 --out "$DRAFT/tree.json"

@@ -13,10 +13,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from chimera_vllm.checkpoint import init_draft  # noqa: E402
-from chimera_vllm.model import ChimeraDraft, DraftInputs  # noqa: E402
-from chimera_vllm.target import load_target, load_tokenizer  # noqa: E402
-from chimera_vllm.tiny import build_tiny_target, build_trained_pair  # noqa: E402
+from chimera_vllm.model.checkpoint import init_draft  # noqa: E402
+from chimera_vllm.model.draft import ChimeraDraft, DraftInputs  # noqa: E402
+from chimera_vllm.reference.target import load_target, load_tokenizer  # noqa: E402
+from chimera_vllm.testing.tiny import build_tiny_target, build_trained_pair  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from chimera_vllm import vllm_engine
-from chimera_vllm.bench import ANY_BATCH, Method, Row, add_ratios, cpu_description, identity, tuned_schedule
-from chimera_vllm.vllm_engine import openmp_runtime, preload_intel_openmp
+from chimera_vllm.bench.throughput import ANY_BATCH, Method, Row, add_ratios, cpu_description, identity, tuned_schedule
+from chimera_vllm.vllm import engine as vllm_engine
+from chimera_vllm.vllm.engine import openmp_runtime, preload_intel_openmp
 
 
 def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") -> Row:
@@ -97,7 +97,7 @@ def test_target_steps_count_steps_without_a_draft():
     """Two requests of 10 tokens: 18 after their first tokens. If only 3 steps had a draft (n-gram)
     and they accepted 4 tokens, 14 target steps ran, not 3; with a draft every step, the count of
     drafts bounds it from below when a stop rule cut accepted tokens off."""
-    from chimera_vllm.vllm_engine import SpecCounters, target_steps
+    from chimera_vllm.vllm.engine import SpecCounters, target_steps
 
     outputs = [list(range(10)), list(range(10))]
     assert target_steps(outputs, SpecCounters(drafts=3, draft_tokens=9, accepted_tokens=4)) == 14
@@ -114,7 +114,7 @@ def test_cpu_description_names_the_model_and_the_instruction_sets_that_decide_bf
 
 
 def test_a_reports_command_carries_the_vllm_cpu_settings_it_ran_under(monkeypatch):
-    from chimera_vllm.bench import run_info
+    from chimera_vllm.bench.throughput import run_info
 
     for name in [k for k in os.environ if k.startswith("VLLM_CPU_")]:
         monkeypatch.delenv(name)
@@ -162,7 +162,7 @@ def test_nothing_is_preloaded_without_the_library_or_on_a_gpu_machine(intel_open
 
 @on_linux_x86
 def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypatch):
-    from chimera_vllm.bench import run_info
+    from chimera_vllm.bench.throughput import run_info
 
     monkeypatch.setattr(vllm_engine.sys, "prefix", str(intel_openmp))
     monkeypatch.delenv("LD_PRELOAD", raising=False)
@@ -174,7 +174,7 @@ def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypat
 
 def test_rounds_give_each_setting_the_median_of_its_per_round_speedups(tmp_path):
     """Each round's engines are compared with that round's no-speculation engine, not a pooled one."""
-    from chimera_vllm.bench import markdown_table, median_rows, plot
+    from chimera_vllm.bench.throughput import markdown_table, median_rows, plot
 
     rows = [_row("none", 1, 10.0), _row("chimera:2", 1, 15.0), _row("none", 1, 20.0), _row("chimera:2", 1, 22.0)]
     rows += [_row("none", 1, 16.0), _row("chimera:2", 1, 20.0)]
@@ -201,7 +201,7 @@ def test_rounds_give_each_setting_the_median_of_its_per_round_speedups(tmp_path)
     [(0, False, "--rounds must be 1 or more, got 0"), (2, True, "--rounds 2 alternates fixed methods")],
 )
 def test_bad_rounds_are_refused_before_an_engine_starts(rounds, tune, message):
-    from chimera_vllm.bench import run
+    from chimera_vllm.bench.throughput import run
 
     with pytest.raises(ValueError, match=message):
         run(

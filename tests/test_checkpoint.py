@@ -10,11 +10,11 @@ from torch import nn
 from transformers import GPT2Config, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from chimera_vllm.checkpoint import convert_official, init_draft
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec, check_supported_target
-from chimera_vllm.model import ChimeraCheckpointError, ChimeraDraft, TargetParts
-from chimera_vllm.target import final_hidden
-from chimera_vllm.tiny import tiny_target_config
+from chimera_vllm.model.checkpoint import convert_official, init_draft
+from chimera_vllm.model.draft import ChimeraCheckpointError, ChimeraDraft, TargetParts
+from chimera_vllm.reference.target import final_hidden
+from chimera_vllm.testing.tiny import tiny_target_config
 
 from .conftest import draft_after
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from chimera_vllm.cli import main
-from chimera_vllm.prompts import PromptFileError, encode_prompts
-from chimera_vllm.target import load_tokenizer
+from chimera_vllm.data.prompts import PromptFileError, encode_prompts
+from chimera_vllm.reference.target import load_tokenizer
 
 
 def run_json(capsys, *argv) -> dict:
@@ -107,7 +107,7 @@ def test_console_script_reports_errors_without_a_traceback(llama_dir, tmp_path):
 
 
 def test_draft_vocab_keeps_the_most_frequent_response_tokens(capsys, llama_dir, tmp_path):
-    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.model.draft import ChimeraDraft
     from chimera_vllm.training.data import Sequence, write_sequences
 
     assert main(["init-draft", "--target", str(llama_dir), "--out", str(tmp_path / "d")]) == 0
@@ -138,7 +138,7 @@ def test_plot_training_draws_every_run_and_names_a_folder_without_a_log(capsys, 
 def test_init_draft_takes_the_encoder_width_and_names_a_bad_one(capsys, llama_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from chimera_vllm.model import ChimeraDraft
+    from chimera_vllm.model.draft import ChimeraDraft
 
     out = tmp_path / "wide"
     assert main(["init-draft", "--target", str(llama_dir), "--out", str(out), "--intermediate-size", "96"]) == 0

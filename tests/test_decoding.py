@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.model import ChimeraDraft, TargetParts
-from chimera_vllm.target import load_target
-from chimera_vllm.tiny import grammar_prompts
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import load_target
+from chimera_vllm.testing.tiny import grammar_prompts
 
 from .conftest import draft_after, hf_greedy
 
@@ -85,7 +85,7 @@ def test_cache_trimmed_on_rejection(trained_pair):
     """Batch of one: after every step the target's cache holds exactly the verified tokens."""
     _, target, tokenizer, _, trained = trained_pair
     decoder = SpeculativeDecoder(target, trained, 4)
-    from chimera_vllm.decoding import DecodeStats, _Requests
+    from chimera_vllm.reference.decoding import DecodeStats, _Requests
 
     reqs = _Requests(grammar_prompts(tokenizer, 1, seed=1), 40, set())
     state = decoder._prefill(reqs)

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.cli import main
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import evaluate
-from chimera_vllm.target import load_target
-from chimera_vllm.tiny import grammar_prompts
+from chimera_vllm.evaluation.acceptance import evaluate
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import load_target
+from chimera_vllm.testing.tiny import grammar_prompts
 
 from .conftest import hf_greedy
 
@@ -177,7 +177,7 @@ def test_eval_cli_prints_the_categories_of_a_jsonl_prompt_file(capsys, trained_p
 
 
 def test_compare_outputs_finds_each_divergence_and_its_top2_gap(llama_target):
-    from chimera_vllm.compare import compare_outputs
+    from chimera_vllm.evaluation.compare import compare_outputs
 
     prompt = [5, 6, 7, 8]
     expected = hf_greedy(llama_target, [prompt], 8, eos=-1)[0]
@@ -199,7 +199,7 @@ def test_compare_outputs_finds_each_divergence_and_its_top2_gap(llama_target):
 
 
 def test_bench_marks_divergences_at_near_ties(llama_target):
-    from chimera_vllm.bench import Row, check_divergences, markdown_table
+    from chimera_vllm.bench.throughput import Row, check_divergences, markdown_table
 
     prompt = [5, 6, 7, 8]
     expected = hf_greedy(llama_target, [prompt], 8, eos=-1)[0]

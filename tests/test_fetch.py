@@ -13,8 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from chimera_vllm import cli, fetch
-from chimera_vllm.fetch import PACKAGED_TARGETS, FetchError, GgufPiece, convert_gguf, fetch_target, locate_pieces
+from chimera_vllm import cli
+from chimera_vllm.reference import fetch
+from chimera_vllm.reference.fetch import (
+    PACKAGED_TARGETS,
+    FetchError,
+    GgufPiece,
+    convert_gguf,
+    fetch_target,
+    locate_pieces,
+)
 
 SMOLLM2 = PACKAGED_TARGETS["smollm2-135m"]
 

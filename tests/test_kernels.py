@@ -94,8 +94,8 @@ def test_draft_model_runs_the_kernels_where_triton_is_used(trained_pair, monkeyp
     drafts the same tokens and keeps decoding lossless."""
     from chimera_vllm.kernels import greedy_head, residual_head, trigram
 
-    from chimera_vllm.decoding import SpeculativeDecoder
-    from chimera_vllm.tiny import grammar_prompts
+    from chimera_vllm.reference.decoding import SpeculativeDecoder
+    from chimera_vllm.testing.tiny import grammar_prompts
 
     _, target, tokenizer, _, draft = trained_pair
     prompts = grammar_prompts(tokenizer, 3, seed=8)

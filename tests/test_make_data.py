@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from chimera_vllm.make_data import (
+from chimera_vllm.data import DATA_DIR
+from chimera_vllm.data.prompts import encode_chat, read_prompts
+from chimera_vllm.reference.target import load_target, load_tokenizer
+from chimera_vllm.training.data import read_sequences
+from chimera_vllm.training.make_data import (
     HeldOutPromptError,
     MakeDataArgs,
     MakePromptsArgs,
@@ -16,13 +19,10 @@ from chimera_vllm.make_data import (
     make_prompts,
     user_turn_prefix,
 )
-from chimera_vllm.prompts import encode_chat, read_prompts
-from chimera_vllm.target import load_target, load_tokenizer
-from chimera_vllm.training.data import read_sequences
 
 from .conftest import hf_greedy
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = DATA_DIR
 TRAINING_SETS = [
     "gsm8k_train.jsonl",
     "self_instruct_seed_tasks.jsonl",
@@ -90,7 +90,7 @@ def test_rerun_of_a_finished_file_keeps_its_last_short_batch(llama_dir, prompt_f
     def no_engine(args):
         raise AssertionError("a finished file was generated again")
 
-    monkeypatch.setattr("chimera_vllm.make_data._engine", no_engine)
+    monkeypatch.setattr("chimera_vllm.training.make_data._engine", no_engine)
     make_data(_args(llama_dir, prompt_file, out))
     assert out.read_text() == whole and len(whole.splitlines()) == 8
 
@@ -161,7 +161,7 @@ def test_make_prompts_keeps_distinct_finished_samples_of_the_user_turn(llama_dir
             out.append(ids if i == 3 else ids + [eos])  # sample 3 ran out of new tokens
         return out
 
-    monkeypatch.setattr("chimera_vllm.make_data._engine", lambda args: engine)
+    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: engine)
     out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=12))
     assert fed == [user_turn_prefix(tokenizer)] * 5
     prompts = read_prompts(out)
@@ -183,7 +183,7 @@ def test_make_prompts_starts_each_request_with_its_opener(llama_dir, tmp_path, m
             for i in range(first_index, first_index + len(prompts))
         ]
 
-    monkeypatch.setattr("chimera_vllm.make_data._engine", lambda args: engine)
+    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: engine)
     out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=8, openers=str(openers)))
     prefix = user_turn_prefix(tokenizer)
     opener_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in ("Explain", "Write a")]

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from chimera_vllm.bench import Method
+from chimera_vllm.bench.throughput import Method
 from chimera_vllm.config import ChimeraConfigError
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import confident_lengths, draft_predictions, greedy_accepts
-from chimera_vllm.prompt_lookup import (
+from chimera_vllm.evaluation.acceptance import confident_lengths, draft_predictions, greedy_accepts
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.testing.tiny import grammar_prompts
+from chimera_vllm.vllm.prompt_lookup import (
     DRAFT_TOKENS_KEY,
     PromptLookup,
     SimulatedStep,
     draft_model_tokens,
     simulate_greedy_steps,
 )
-from chimera_vllm.tiny import grammar_prompts
 
 pytest.importorskip("vllm")  # the n-gram match is vLLM's own
 
@@ -75,7 +75,7 @@ def test_the_lookup_starts_numba_on_its_own_thread_pool_not_openmp():
     step there by a fifth (docs/vllm-integration.md); a fresh process, as the worker is."""
     script = (
         "import numpy as np, numba\n"
-        "from chimera_vllm.prompt_lookup import PromptLookup\n"
+        "from chimera_vllm.vllm.prompt_lookup import PromptLookup\n"
         "drafts = PromptLookup(2, 3).propose(np.array([[1, 2, 3, 1, 2]], np.int32), np.array([5]), 2, 64)\n"
         "print(drafts, numba.threading_layer())\n"
     )

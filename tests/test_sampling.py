@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from chimera_vllm.checkpoint import init_draft
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.sampling import TokenSampler
-from chimera_vllm.tiny import tiny_target_config
-from chimera_vllm.tree import DraftTree
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.model.tree import DraftTree
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.sampling import TokenSampler
+from chimera_vllm.testing.tiny import tiny_target_config
 
 VOCAB = 6
 PROMPT = [1, 3, 2, 5]

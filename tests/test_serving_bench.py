@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from chimera_vllm import cli
-from chimera_vllm.bench import Method
-from chimera_vllm.drafts import resolve_draft
-from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY
-from chimera_vllm.serving_bench import (
+from chimera_vllm.bench.serving import (
     PERCENTILES,
     Load,
     ServingRow,
@@ -24,6 +21,9 @@ from chimera_vllm.serving_bench import (
     plot,
     server_args,
 )
+from chimera_vllm.bench.throughput import Method
+from chimera_vllm.drafts import resolve_draft
+from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
 
 
 def _result(tok_s: float, tpot_ms: float, tau: float | None = None) -> dict:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from chimera_vllm import cli
-from chimera_vllm.demo import DRAFT, PROMPTS, TARGET
+from chimera_vllm.bench.demo import DRAFT, PROMPTS, TARGET
+from chimera_vllm.data.prompts import encode_prompts
 from chimera_vllm.drafts import resolve_draft, shipped_drafts
-from chimera_vllm.evaluate import evaluate
-from chimera_vllm.fetch import fetch_target
-from chimera_vllm.model import ChimeraDraft
-from chimera_vllm.prompts import encode_prompts
-from chimera_vllm.target import eos_token_ids, generation_config, load_target, load_tokenizer
+from chimera_vllm.evaluation.acceptance import evaluate
+from chimera_vllm.model.draft import ChimeraDraft
+from chimera_vllm.reference.fetch import fetch_target
+from chimera_vllm.reference.target import eos_token_ids, generation_config, load_target, load_tokenizer
 
 # What the shipped draft reaches on these prompts with some margin (its model card has the full
 # evaluation; on these four 1.76 with the run-9 draft, 2026-11-30, and 1.78 with run 7's, which

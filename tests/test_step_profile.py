@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from chimera_vllm.step_profile import StepProfile, markdown_table, read_trace, summarize
+from chimera_vllm.bench.step_profile import StepProfile, markdown_table, read_trace, summarize
 
 RUNNER = "vllm/v1/worker/gpu_model_runner.py"
 

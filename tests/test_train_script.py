@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from chimera_vllm.demo import DRAFT, PROMPTS
+from chimera_vllm.bench.demo import DRAFT, PROMPTS
 from chimera_vllm.drafts import resolve_draft
-from chimera_vllm.fetch import fetch_target
+from chimera_vllm.reference.fetch import fetch_target
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_smollm2_gpu.sh"
 
@@ -44,7 +44,7 @@ def test_the_gpu_script_continues_the_shipped_draft_on_target_written_prompts(tm
     knobs.update(
         GSM8K_PROMPTS="2",
         MAGPIE_SAMPLES="4",
-        MAGPIE_OPENERS="data/prompt_openers.txt",
+        MAGPIE_OPENERS="chimera_vllm/data/prompt_openers.txt",
         GEN_BATCH="4",
         STEPS="2",
         TRAIN_ARGS="--kl-weight 1",
@@ -101,7 +101,7 @@ def test_the_device_scripts_carry_the_target_in_pieces_and_bring_the_draft_back_
         OUT=str(out),
         HF_HUB_CACHE=str(hub),  # empty: the target must come from the pieces
         GSM8K_PROMPTS="0",
-        PROMPT_FILES="data/smollm2_written_prompts_steered.jsonl",
+        PROMPT_FILES="chimera_vllm/data/smollm2_written_prompts_steered.jsonl",
         PROMPT_LIMIT="2",
         GEN_BATCH="2",
         STEPS="1",

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chimera_vllm.checkpoint import init_draft
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.model import ChimeraDraft, TargetParts
-from chimera_vllm.target import final_hidden, load_target
-from chimera_vllm.tiny import grammar_prompts
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import final_hidden, load_target
+from chimera_vllm.testing.tiny import grammar_prompts
 from chimera_vllm.training.data import (
     DataFormatError,
     Sequence,

@@ -8,13 +8,13 @@ import re
 import pytest
 import torch
 
-from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.cli import main
-from chimera_vllm.decoding import DecodeStats, SpeculativeDecoder, _Requests
-from chimera_vllm.evaluate import evaluate
-from chimera_vllm.target import load_target
-from chimera_vllm.tiny import grammar_prompts
-from chimera_vllm.tree import DraftTree, DraftTreeError
+from chimera_vllm.evaluation.acceptance import evaluate
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.model.tree import DraftTree, DraftTreeError
+from chimera_vllm.reference.decoding import DecodeStats, SpeculativeDecoder, _Requests
+from chimera_vllm.reference.target import load_target
+from chimera_vllm.testing.tiny import grammar_prompts
 
 from .conftest import hf_greedy, load_benchmark
 from .test_decoding import EOS, mixed_prompts

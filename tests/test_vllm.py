@@ -15,23 +15,23 @@ import pytest
 import torch
 
 from chimera_vllm import cli
-from chimera_vllm.checkpoint import init_draft
 from chimera_vllm.config import ChimeraConfigError
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.evaluate import draft_predictions, greedy_accepts
-from chimera_vllm.model import ChimeraDraft
-from chimera_vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, simulate_greedy_steps
-from chimera_vllm.target import load_target
-from chimera_vllm.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
+from chimera_vllm.evaluation.acceptance import draft_predictions, greedy_accepts
+from chimera_vllm.model.checkpoint import init_draft
+from chimera_vllm.model.draft import ChimeraDraft
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import load_target
+from chimera_vllm.testing.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
 from chimera_vllm.training.trainer import TrainArgs, train
+from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY, PromptLookup, simulate_greedy_steps
 
 pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from chimera_vllm.bench import Method  # noqa: E402
-from chimera_vllm.step_profile import COMPONENTS, profile_engine, read_trace  # noqa: E402
-from chimera_vllm.vllm_engine import SpecCounters, close_llm, target_steps  # noqa: E402
+from chimera_vllm.bench.step_profile import COMPONENTS, profile_engine, read_trace  # noqa: E402
+from chimera_vllm.bench.throughput import Method  # noqa: E402
+from chimera_vllm.vllm.engine import SpecCounters, close_llm, target_steps  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks
 ENGINE = dict(
@@ -297,7 +297,7 @@ def test_every_spelling_of_a_chimera_draft_runs_it_as_eagle(pair, spelling):
 
 def test_bfloat16_outputs_differ_only_at_near_ties(pair, trained_pair):
     """bf16: the match rate with vLLM's own bf16 decoding, and every divergence at a near-tie."""
-    from chimera_vllm.compare import compare_outputs
+    from chimera_vllm.evaluation.compare import compare_outputs
 
     prompts = mixed_prompts(pair[3], 24)
     runs = []

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from chimera_vllm.vllm_cpu_fix import (  # noqa: E402
+from chimera_vllm.vllm.patches.cpu_sampling import (  # noqa: E402
     greedy_by_argmax,
     greedy_kernel_fits,
     inverse_exponential_noise,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chimera_vllm.model import ResidualHeads, TrigramEncoder
+from chimera_vllm.model.draft import ResidualHeads, TrigramEncoder
 
 pytest.importorskip("vllm")
-from chimera_vllm.vllm_cpu_gemm import (  # noqa: E402
+from chimera_vllm.vllm.cpu_gemm import (  # noqa: E402
     SMALL_GEMM_MAX_ROWS,
     CpuDraftGemms,
     route_small_batches,

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from chimera_vllm.vllm_draft_fetch import record_scheduled_k, skip_empty_fetch  # noqa: E402
-from chimera_vllm.vllm_model import CHIMERA_CONFIG_KEY  # noqa: E402
+from chimera_vllm.vllm.model import CHIMERA_CONFIG_KEY  # noqa: E402
+from chimera_vllm.vllm.patches.draft_fetch import record_scheduled_k, skip_empty_fetch  # noqa: E402
 
 
 class Executor:

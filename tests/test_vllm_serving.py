@@ -15,11 +15,13 @@ import httpx
 import psutil
 import pytest
 
-from chimera_vllm import cli, demo, serving_bench
-from chimera_vllm.bench import Method
-from chimera_vllm.decoding import SpeculativeDecoder
-from chimera_vllm.tiny import grammar_prompts
-from chimera_vllm.vllm_engine import close_llm, intel_openmp_library
+from chimera_vllm import cli
+from chimera_vllm.bench import demo
+from chimera_vllm.bench import serving as serving_bench
+from chimera_vllm.bench.throughput import Method
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.testing.tiny import grammar_prompts
+from chimera_vllm.vllm.engine import close_llm, intel_openmp_library
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -216,7 +218,7 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
 
 
 def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
-    """The main job's code path (python -m chimera_vllm.demo), on the tiny pair instead of SmolLM2."""
+    """The main job's code path (python -m chimera_vllm.bench.demo), on the tiny pair instead of SmolLM2."""
     target_dir, draft_dir, _, tokenizer = pair
     prompts = prompts_file(tmp_path, tokenizer, 6, seed=29)
     out = tmp_path / "demo" / "report"

@@ -27,6 +27,6 @@ def resolve_draft(name_or_path: str) -> str:
 
 def describe_shipped_drafts() -> list[tuple[str, str, Path]]:
     """(name, target it was trained for, directory) of every shipped draft."""
-    from ..config import ChimeraConfig
+    from chimera_vllm.config import ChimeraConfig
 
     return [(name, ChimeraConfig.load(path).verifier_name_or_path, path) for name, path in shipped_drafts().items()]

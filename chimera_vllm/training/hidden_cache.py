@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..target import final_hidden
-from .data import Sequence, collate
+from chimera_vllm.reference.target import final_hidden
+from chimera_vllm.training.data import Sequence, collate
 
 
 def cache_key(target_name: str, data_path: str | Path, max_length: int, dtype: torch.dtype) -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import ChimeraDraft, TargetParts, trigram_ids
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts, trigram_ids
 
 
 def verified_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:

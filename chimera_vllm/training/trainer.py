@@ -21,12 +21,18 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import check_draft_shape, draft_shape_options, init_draft
-from ..model import ChimeraDraft, TargetParts
-from ..target import final_hidden, load_target
-from .data import batch_indices, collate, frequent_response_tokens, read_sequences, response_coverage
-from .hidden_cache import HiddenCache, cache_key, open_hidden_cache
-from .objective import ChimeraObjective, GreedyLabels, LossWeights
+from chimera_vllm.model.checkpoint import check_draft_shape, draft_shape_options, init_draft
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.reference.target import final_hidden, load_target
+from chimera_vllm.training.data import (
+    batch_indices,
+    collate,
+    frequent_response_tokens,
+    read_sequences,
+    response_coverage,
+)
+from chimera_vllm.training.hidden_cache import HiddenCache, cache_key, open_hidden_cache
+from chimera_vllm.training.objective import ChimeraObjective, GreedyLabels, LossWeights
 
 
 @dataclass

@@ -20,7 +20,7 @@
    sampler, also a step in which no request has a draft (a batch-size schedule's K = 0, or
    n-gram finding no match): a copy of the logits, a second pass over them and the
    rejection bookkeeping, ~1.7 ms a step more than the plain sampler for 64 requests (1.5%
-   of a step under vLLM's profiler, :mod:`chimera_vllm.step_profile`). Such a step, when no
+   of a step under vLLM's profiler, :mod:`chimera_vllm.bench.step_profile`). Such a step, when no
    logprobs are asked for, samples here as a step without speculation does; what it returns
    has the same shape, [batch, 1].
 4. A greedy step with drafts goes through the same sampler: the target's rows are gathered,
@@ -43,7 +43,7 @@ import inspect
 
 import torch
 
-from .vllm_patch import patch_once
+from chimera_vllm.vllm.patches import patch_once
 
 
 def expand_kernel(

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from .config import ChimeraConfig, ChimeraConfigError, TargetSpec
-from .model import ChimeraCheckpointError, ChimeraDraft, TargetParts
+from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec
+from chimera_vllm.model.draft import ChimeraCheckpointError, ChimeraDraft, TargetParts
 
 OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
 

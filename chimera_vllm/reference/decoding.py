@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from .model import ChimeraDraft, DraftInputs, TargetParts
-from .sampling import TokenSampler
-from .target import final_hidden
-from .tree import DraftTree
+from chimera_vllm.model.draft import ChimeraDraft, DraftInputs, TargetParts
+from chimera_vllm.model.tree import DraftTree
+from chimera_vllm.reference.sampling import TokenSampler
+from chimera_vllm.reference.target import final_hidden
 
 
 @dataclass

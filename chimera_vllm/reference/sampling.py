@@ -74,7 +74,7 @@ class TokenSampler:
         return accepted, next_token
 
     def verify_tree(self, nodes: Tensor, children: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Sampling over a tree of drafts (:class:`~chimera_vllm.tree.DraftTree`): from the root, a
+        """Sampling over a tree of drafts (:class:`~chimera_vllm.model.tree.DraftTree`): from the root, a
         slot's children are tried in rank order, each kept with the target's probability of its token
         once the siblings tried before it are ruled out; the first one kept is the path's next slot.
         Where none is kept (or at a leaf), the next token is drawn from what remains of the target's

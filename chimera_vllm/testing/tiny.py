@@ -132,10 +132,10 @@ def build_trained_pair(root: str | Path, target_steps: int = 150, draft_steps: i
 
     Returns (target_dir, draft_dir). Takes ~15 s on 2 CPU cores.
     """
-    from .decoding import SpeculativeDecoder
-    from .target import load_target
-    from .training.data import Sequence, write_sequences
-    from .training.trainer import TrainArgs, train
+    from chimera_vllm.reference.decoding import SpeculativeDecoder
+    from chimera_vllm.reference.target import load_target
+    from chimera_vllm.training.data import Sequence, write_sequences
+    from chimera_vllm.training.trainer import TrainArgs, train
 
     root = Path(root)
     target_dir = build_tiny_target(root / "target", "llama", init_std=0.02)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import httpx
 
-from .bench import Method, markdown, median_of, ratio_cell, speedup_cell, values_of
-from .prompts import read_prompts
-from .vllm_engine import preload_intel_openmp
+from chimera_vllm.bench.throughput import Method, markdown, median_of, ratio_cell, speedup_cell, values_of
+from chimera_vllm.data.prompts import read_prompts
+from chimera_vllm.vllm.engine import preload_intel_openmp
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "tpot", "e2el")
@@ -128,7 +128,7 @@ def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, sub
     """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended).
 
     Yields its base URL and process once /health answers; stops it with SIGTERM on exit. On a
-    CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm_engine.preload_intel_openmp`).
+    CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm.engine.preload_intel_openmp`).
     Fails with the server's last log lines if it exits or is not healthy within timeout_s.
     """
     port = free_port()
@@ -173,7 +173,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log, timeout_s: float) -> N
 def server_args(dtype: str, max_model_len: int, extra: list[str] = ()) -> list[str]:
     """The server's command-line arguments: the platform's engine defaults (eager and a fixed KV
     cache on CPU, see vllm_engine.engine_defaults), dtype and context length, then extra."""
-    from .vllm_engine import engine_defaults
+    from chimera_vllm.vllm.engine import engine_defaults
 
     args = ["--dtype", dtype, "--max-model-len", str(max_model_len)]
     for key, value in engine_defaults().items():
@@ -386,7 +386,7 @@ def plot(rows: list[ServingRow], path: Path) -> None:
 
 def write_report(rows: list[ServingRow], out: Path, command: str, extra: dict) -> None:
     """out.json (every row, machine and versions), out.md (the table) and out.png."""
-    from .bench import run_info, write_result_files
+    from chimera_vllm.bench.throughput import run_info, write_result_files
 
     info = {**run_info(command), **extra}
     body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"

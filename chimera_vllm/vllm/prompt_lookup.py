@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import ChimeraConfigError
+from chimera_vllm.config import ChimeraConfigError
 
 HF_CONFIG_ATTR = "chimera_prompt_lookup"
 """Attribute of the draft's vLLM hf_config holding the :class:`PromptLookup` settings."""
@@ -142,7 +142,7 @@ def simulate_greedy_steps(
     keeps, or None for no draft model (vLLM's n-gram proposer alone). Greedy decoding keeps
     exactly the drafts that match the continuation, so this replays any drafting policy without
     running the target again: prompt lookup first where it matches, the draft model elsewhere,
-    as :class:`chimera_vllm.vllm_proposer.ChimeraProposer` drafts. draft_model_length(n, s): how
+    as :class:`chimera_vllm.vllm.proposer.ChimeraProposer` drafts. draft_model_length(n, s): how
     many of those s tokens the draft model keeps when it stops early (a minimum draft probability);
     it still ran the step of the first token it dropped.
     """

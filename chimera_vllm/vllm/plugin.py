@@ -13,9 +13,9 @@ first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
    in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
    off when a Chimera draft is loaded, with a log line saying so;
 5. on CPU, fixes to vLLM-CPU's speculative sampling: its temperature expansion, the
-   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm_cpu_fix`);
+   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm.patches.cpu_sampling`);
 6. the engine core asks the worker for a Chimera draft's tokens only after a step that
-   proposed some (:mod:`chimera_vllm.vllm_draft_fetch`).
+   proposed some (:mod:`chimera_vllm.vllm.patches.draft_fetch`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import vllm_cpu_fix
-from .config import CONFIG_NAME, DRAFT_ARCHITECTURE, SPECULATORS_MODEL_TYPE, ChimeraConfig, ChimeraConfigError
-from .prompt_lookup import PromptLookup, draft_model_tokens
-from .vllm_patch import patch_once
+from chimera_vllm.config import (
+    CONFIG_NAME,
+    DRAFT_ARCHITECTURE,
+    SPECULATORS_MODEL_TYPE,
+    ChimeraConfig,
+    ChimeraConfigError,
+)
+from chimera_vllm.vllm.patches import cpu_sampling, patch_once
+from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +53,12 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(DRAFT_ARCHITECTURE, "chimera_vllm.vllm_model:ChimeraDraftForVLLM")
+    ModelRegistry.register_model(DRAFT_ARCHITECTURE, "chimera_vllm.vllm.model:ChimeraDraftForVLLM")
     _register_speculators_type()
     _route_chimera_drafts_to_eagle()
     _install_proposer()
     _keep_v1_model_runner()
-    vllm_cpu_fix.install()
+    cpu_sampling.install()
     _install_draft_fetch()
 
 
@@ -104,7 +109,7 @@ def speculative_method(method: str | None, model: str | None, is_chimera: bool) 
 
 def _update_chimera(config_dict: dict, pre_trained_config: dict) -> None:
     """Speculators hook: the draft's vLLM hf_config carries its architecture and whole config."""
-    from .vllm_model import CHIMERA_CONFIG_KEY
+    from chimera_vllm.vllm.model import CHIMERA_CONFIG_KEY
 
     config = ChimeraConfig.from_dict(config_dict)  # a malformed config fails here, naming the field
     pre_trained_config["architectures"] = [DRAFT_ARCHITECTURE]
@@ -166,7 +171,7 @@ def _route_chimera_drafts_to_eagle() -> None:
 
 def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, target_model_config) -> None:
     """The draft/target checks, in the process that starts the engine, so the error reaches the user."""
-    from .vllm_model import check_draft_for_target
+    from chimera_vllm.vllm.model import check_draft_for_target
 
     check_draft_for_target(config, target_model_config.hf_config, num_speculative_tokens)
 
@@ -174,23 +179,23 @@ def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, targ
 def _install_proposer() -> None:
     from vllm.v1.worker import gpu_model_runner
 
-    from .vllm_proposer import ChimeraProposer
+    from chimera_vllm.vllm.proposer import ChimeraProposer
 
     if gpu_model_runner.EagleProposer is not ChimeraProposer:
         gpu_model_runner.EagleProposer = ChimeraProposer
 
 
 def _install_draft_fetch() -> None:
-    from . import vllm_draft_fetch
+    from chimera_vllm.vllm.patches import draft_fetch
 
-    vllm_draft_fetch.install()
+    draft_fetch.install()
 
 
 def _keep_v1_model_runner() -> None:
     """Model Runner V2 has its own speculators and no place for Chimera's: use V1 with a Chimera draft."""
     from vllm.config import VllmConfig
 
-    from .vllm_proposer import is_chimera_vllm_config
+    from chimera_vllm.vllm.proposer import is_chimera_vllm_config
 
     def make(original):
         @functools.wraps(original)

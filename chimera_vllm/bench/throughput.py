@@ -22,8 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .prompt_lookup import DRAFT_TOKENS_KEY
-from .vllm_engine import (
+from chimera_vllm.vllm.engine import (
     NGRAM_LOOKUP,
     chimera_spec,
     close_llm,
@@ -34,6 +33,7 @@ from .vllm_engine import (
     openmp_runtime,
     warm_up,
 )
+from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
 
 HYBRID = "chimera+ngram"
 METHODS = ("none", "ngram", "chimera", "medusa", "hf", HYBRID)
@@ -260,7 +260,7 @@ def hf_generate_row(
 
     import torch
 
-    from .target import load_target
+    from chimera_vllm.reference.target import load_target
 
     model = load_target(target, dtype)
     eos = sorted(stop_token_ids)
@@ -366,7 +366,7 @@ def run(
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
     if any(r.outputs_identical is False and r.round == 0 for r in rows):
-        from .target import load_target
+        from chimera_vllm.reference.target import load_target
 
         check_divergences([r for r in rows if r.round == 0], load_target(target, "float32"), prompts)
     return rows
@@ -411,7 +411,7 @@ def median_of(rows: list, name: str) -> float | None:
 def check_divergences(rows: list[Row], target, prompts: list[list[int]]) -> None:
     """For greedy rows whose outputs differ from "none"'s (bf16 arithmetic depends on batch shape):
     the match rate, and whether every divergence starts at a near-tie of the float32 target."""
-    from .compare import compare_outputs
+    from chimera_vllm.evaluation.compare import compare_outputs
 
     base = {(r.dtype, r.batch_size): r for r in rows if r.method == "none" and r.temperature == 0}
     for r in rows:

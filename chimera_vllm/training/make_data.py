@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import SpeculativeDecoder
-from .prompts import Prompt, encode, read_prompts
-from .target import load_target, load_tokenizer
+from chimera_vllm.data import MT_BENCH
+from chimera_vllm.data.prompts import Prompt, encode, read_prompts
+from chimera_vllm.reference.decoding import SpeculativeDecoder
+from chimera_vllm.reference.target import load_target, load_tokenizer
 
-HELDOUT_EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "mt_bench_questions.jsonl"
+HELDOUT_EVAL_SET = MT_BENCH
 
 
 class HeldOutPromptError(ValueError):
@@ -129,13 +130,13 @@ class HFEngine:
 
 class VLLMEngine:
     def __init__(self, args: MakeDataArgs | MakePromptsArgs):
-        from .vllm_engine import make_llm
+        from chimera_vllm.vllm.engine import make_llm
 
         self.args = args
         self.llm = make_llm(args.target, dtype=args.dtype, seed=args.seed, **args.vllm_args)
 
     def __call__(self, prompts: list[list[int]], first_index: int, eos: set[int]) -> list[list[int]]:
-        from .vllm_engine import generate
+        from chimera_vllm.vllm.engine import generate
 
         a = self.args
         outputs, _ = generate(self.llm, prompts, a.max_new_tokens, a.temperature, a.seed + first_index, eos)

@@ -7,7 +7,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .config import check_supported_target
+from chimera_vllm.config import check_supported_target
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

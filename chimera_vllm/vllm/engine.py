@@ -2,7 +2,7 @@
 
 Shared by ``chimera-vllm generate --engine vllm``, ``make-data --engine vllm`` and the
 benchmarks. Statistics come from vLLM's own spec-decode counters, in the same
-shape as the reference decoder's :class:`~chimera_vllm.decoding.DecodeStats`.
+shape as the reference decoder's :class:`~chimera_vllm.reference.decoding.DecodeStats`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .decoding import DecodeStats
+from chimera_vllm.reference.decoding import DecodeStats
 
 # On a machine without CUDA vLLM runs on the CPU: compilation costs minutes and gains
 # nothing there (docs/vllm-integration.md), and a fixed KV cache (enough for ~90k tokens of

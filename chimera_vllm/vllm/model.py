@@ -1,6 +1,6 @@
 """The Chimera draft as a vLLM model: vLLM's parallel layers and paged attention.
 
-The proposer (:mod:`chimera_vllm.vllm_proposer`) runs it in two ways:
+The proposer (:mod:`chimera_vllm.vllm.proposer`) runs it in two ways:
 
 * :meth:`ChimeraDraftForVLLM.write_context` turns the target's hidden states h_j at
   verified positions into the encoder's keys/values and writes them into the
@@ -34,11 +34,11 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import _encode_layer_name
 
-from .config import ChimeraConfig, ChimeraConfigError
-from .kernels.greedy_head import greedy_draft_head
-from .model import ResidualHeads, TrigramEncoder, restrict_to_vocab
-from .prompt_lookup import PromptLookup, draft_model_tokens
-from .vllm_cpu_gemm import CpuDraftGemms, route_small_batches
+from chimera_vllm.config import ChimeraConfig, ChimeraConfigError
+from chimera_vllm.kernels.greedy_head import greedy_draft_head
+from chimera_vllm.model.draft import ResidualHeads, TrigramEncoder, restrict_to_vocab
+from chimera_vllm.vllm.cpu_gemm import CpuDraftGemms, route_small_batches
+from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 # Checkpoint names of the encoder's separate projections -> (vLLM's fused parameter, shard).
 _STACKED = {

@@ -14,20 +14,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bench import Method, Row, identity, run, write_report
-from .cli import logs_to_stderr, use_offline_hub
-from .drafts import resolve_draft
-from .fetch import PACKAGED_TARGETS
-from .prompts import encode_prompts
-from .target import eos_token_ids, generation_config, load_tokenizer
+from chimera_vllm.bench.throughput import Method, Row, identity, run, write_report
+from chimera_vllm.data import MT_BENCH
+from chimera_vllm.data.prompts import encode_prompts
+from chimera_vllm.drafts import resolve_draft
+from chimera_vllm.environment import logs_to_stderr, use_offline_hub
+from chimera_vllm.reference.fetch import PACKAGED_TARGETS
+from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
 
 TARGET = PACKAGED_TARGETS["smollm2-135m"].hub_name
 DRAFT = "smollm2-135m-instruct"
-PROMPTS = Path(__file__).resolve().parent.parent / "data" / "mt_bench_questions.jsonl"
+PROMPTS = MT_BENCH
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m chimera_vllm.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m chimera_vllm.bench.demo", description=__doc__.splitlines()[0])
     p.add_argument("--target", default=TARGET)
     p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
     p.add_argument("--prompts", default=str(PROMPTS))
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     out = Path(args.out)
-    write_report(rows, out, "python -m chimera_vllm.demo " + " ".join(argv or sys.argv[1:]), vars(args))
+    write_report(rows, out, "python -m chimera_vllm.bench.demo " + " ".join(argv or sys.argv[1:]), vars(args))
     print("\n" + summary(rows))
     print(f"\nreport: {out}.md, {out}.json; chart: {out}.png")
     return 0

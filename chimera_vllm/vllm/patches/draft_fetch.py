@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from .vllm_patch import patch_once
-from .vllm_proposer import is_chimera_vllm_config
+from chimera_vllm.vllm.patches import patch_once
+from chimera_vllm.vllm.proposer import is_chimera_vllm_config
 
 SCHEDULED_K = "chimera_scheduled_num_spec_tokens"  # set on the scheduler by its patched schedule()
 

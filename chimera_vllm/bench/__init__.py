@@ -1,0 +1,1 @@
+"""Throughput, serving and step-profile benchmarks, their reports and plots, and the demo."""

@@ -1,0 +1,1 @@
+"""Small targets and drafts built on the spot, for tests and examples that must run offline."""
