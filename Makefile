@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup_venv.sh
 
 demo: setup
-	.venv/bin/python -m chimera_vllm.bench.demo
+	.venv/bin/chimera-vllm demo
 
 test: setup
 	.venv/bin/ruff check chimera_vllm kernels tests benchmarks

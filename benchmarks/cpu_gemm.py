@@ -88,7 +88,7 @@ def _us(value: float | None) -> str:
 
 
 def main() -> None:
-    from chimera_vllm.bench.throughput import run_info, write_result_files
+    from chimera_vllm.bench.report import run_info, write_result_files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="vLLM's CPU worker gives the model one core by default")

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the timers are
-    from chimera_vllm.bench.throughput import run_info, write_result_files
+    from chimera_vllm.bench.report import run_info, write_result_files
     from chimera_vllm.data.prompts import encode_prompts
     from chimera_vllm.drafts import resolve_draft
     from chimera_vllm.environment import use_offline_hub

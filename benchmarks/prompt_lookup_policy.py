@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from chimera_vllm.bench.throughput import markdown, run_info, write_result_files
+    from chimera_vllm.bench.report import markdown, run_info, write_result_files
     from chimera_vllm.drafts import resolve_draft
     from chimera_vllm.evaluation.acceptance import UNCATEGORISED, confident_lengths, draft_predictions, greedy_accepts
     from chimera_vllm.model.draft import ChimeraDraft

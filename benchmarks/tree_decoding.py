@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from chimera_vllm.bench.throughput import markdown, run_info, write_result_files  # noqa: E402
+from chimera_vllm.bench.report import markdown, run_info, write_result_files  # noqa: E402
 from chimera_vllm.data import MT_BENCH  # noqa: E402
 from chimera_vllm.data.prompts import encode_prompts  # noqa: E402
 from chimera_vllm.drafts import resolve_draft  # noqa: E402

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 
 def use_offline_hub() -> None:
@@ -22,3 +24,26 @@ def use_offline_hub() -> None:
 def logs_to_stderr() -> None:
     """vLLM logs to stdout by default; the commands print their results (e.g. --json) there."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def vllm_log_to_file(path: Path) -> None:
+    """Send vLLM's log (this process's and the engine processes' it starts) to path, appended to,
+    through vLLM's own logging config (VLLM_LOGGING_CONFIG_PATH, read when vLLM is first imported).
+
+    The config file is written beside the log; a config the user set already is left alone.
+    """
+    if "VLLM_LOGGING_CONFIG_PATH" in os.environ:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"vllm": {"format": "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"}},
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": str(path.resolve()), "formatter": "vllm", "mode": "a"}
+        },
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
+    config_path = path.with_suffix(".logging.json")
+    config_path.write_text(json.dumps(config))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path.resolve())

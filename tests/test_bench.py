@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from chimera_vllm.bench.throughput import ANY_BATCH, Method, Row, add_ratios, cpu_description, identity, tuned_schedule
+from chimera_vllm.bench.methods import ANY_BATCH, Method
+from chimera_vllm.bench.report import cpu_description
+from chimera_vllm.bench.throughput import Row, add_ratios, identity, tuned_schedule
 from chimera_vllm.vllm import engine as vllm_engine
 from chimera_vllm.vllm.engine import openmp_runtime, preload_intel_openmp
 
@@ -114,7 +116,7 @@ def test_cpu_description_names_the_model_and_the_instruction_sets_that_decide_bf
 
 
 def test_a_reports_command_carries_the_vllm_cpu_settings_it_ran_under(monkeypatch):
-    from chimera_vllm.bench.throughput import run_info
+    from chimera_vllm.bench.report import run_info
 
     for name in [k for k in os.environ if k.startswith("VLLM_CPU_")]:
         monkeypatch.delenv(name)
@@ -162,7 +164,7 @@ def test_nothing_is_preloaded_without_the_library_or_on_a_gpu_machine(intel_open
 
 @on_linux_x86
 def test_reports_name_the_openmp_runtime_the_engines_get(intel_openmp, monkeypatch):
-    from chimera_vllm.bench.throughput import run_info
+    from chimera_vllm.bench.report import run_info
 
     monkeypatch.setattr(vllm_engine.sys, "prefix", str(intel_openmp))
     monkeypatch.delenv("LD_PRELOAD", raising=False)

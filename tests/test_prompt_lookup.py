@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from chimera_vllm.bench.throughput import Method
+from chimera_vllm.bench.methods import Method
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.evaluation.acceptance import confident_lengths, draft_predictions, greedy_accepts
 from chimera_vllm.reference.decoding import SpeculativeDecoder

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from chimera_vllm import cli
+from chimera_vllm.bench.methods import Method
 from chimera_vllm.bench.serving import (
     PERCENTILES,
     Load,
@@ -21,9 +22,10 @@ from chimera_vllm.bench.serving import (
     plot,
     server_args,
 )
-from chimera_vllm.bench.throughput import Method
+from chimera_vllm.data import MT_BENCH
 from chimera_vllm.drafts import resolve_draft
 from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
+from chimera_vllm.vllm.server import server_command
 
 
 def _result(tok_s: float, tpot_ms: float, tau: float | None = None) -> dict:
@@ -111,7 +113,7 @@ def test_a_load_keeps_the_clients_printout_off_the_console_and_names_failed_requ
         return {"errors": ["", "HTTP 400: the prompt is too long", ""]}
 
     monkeypatch.setattr(client, "main_async", client_main)
-    prompts = os.path.join(os.path.dirname(__file__), "..", "data", "mt_bench_questions.jsonl")
+    prompts = str(MT_BENCH)
     result = measure_load("http://127.0.0.1:9", "unused", prompts, Load(concurrency=1), 3, 8)
     printed = capsys.readouterr()
     assert result["errors"][1] == "HTTP 400: the prompt is too long"
@@ -121,9 +123,17 @@ def test_a_load_keeps_the_clients_printout_off_the_console_and_names_failed_requ
 
 def test_server_args_carry_dtype_length_and_pass_extra_arguments_last():
     args = server_args("float32", 1024, ["--max-num-seqs", "8"])
-    assert args[:4] == ["--dtype", "float32", "--max-model-len", "1024"]
-    assert args[-2:] == ["--max-num-seqs", "8"]
-    assert ("--enforce-eager" in args) == (not torch.cuda.is_available())  # vLLM compiles for minutes on CPU
+    assert args == ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8"]
+
+
+def test_the_server_command_is_vllm_serve_with_the_platforms_defaults_unless_overridden():
+    cmd = server_command("TARGET", None, ["--max-num-seqs", "8"])
+    assert cmd[1:5] == ["-m", "chimera_vllm.vllm.server", "serve", "TARGET"]
+    assert cmd[-2:] == ["--max-num-seqs", "8"]
+    assert ("--enforce-eager" in cmd) == (not torch.cuda.is_available())  # vLLM compiles for minutes on CPU
+    compiled = server_command("TARGET", None, ["--no-enforce-eager", "--kv-cache-memory-bytes=1000"])
+    assert "--enforce-eager" not in compiled and "--kv-cache-memory-bytes" not in compiled
+    assert compiled[-2:] == ["--no-enforce-eager", "--kv-cache-memory-bytes=1000"]
 
 
 @pytest.mark.parametrize(
@@ -185,10 +195,10 @@ def test_serve_refuses_bad_prompt_lookup_settings_before_starting_a_server(argv,
 )
 def test_serve_passes_the_drafts_speculative_config_to_vllms_server(argv, spec, monkeypatch):
     execs = []
-    monkeypatch.setattr(os, "execv", lambda executable, cmd: execs.append(cmd))
+    monkeypatch.setattr(os, "execve", lambda executable, cmd, env: execs.append(cmd))
     assert cli.main(["serve", "TARGET", "--draft", "smollm2-135m-instruct", *argv]) == 0
     (cmd,) = execs
-    assert cmd[2:5] == ["vllm.entrypoints.openai.api_server", "--model", "TARGET"]
+    assert cmd[2:5] == ["chimera_vllm.vllm.server", "serve", "TARGET"]
     assert json.loads(cmd[cmd.index("--speculative-config") + 1]) == {
         "model": resolve_draft("smollm2-135m-instruct"),
         **spec,

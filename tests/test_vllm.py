@@ -29,8 +29,8 @@ pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
+from chimera_vllm.bench.methods import Method  # noqa: E402
 from chimera_vllm.bench.step_profile import COMPONENTS, profile_engine, read_trace  # noqa: E402
-from chimera_vllm.bench.throughput import Method  # noqa: E402
 from chimera_vllm.vllm.engine import SpecCounters, close_llm, target_steps  # noqa: E402
 
 BLOCK = 32  # KV block size (a multiple of 32 on CPU): the prompts below cross several blocks

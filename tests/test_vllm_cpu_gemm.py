@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chimera_vllm.model.draft import ResidualHeads, TrigramEncoder
+from chimera_vllm.model.layers import ResidualHeads, TrigramEncoder
 
 pytest.importorskip("vllm")
 from chimera_vllm.vllm.cpu_gemm import (  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 from chimera_vllm import cli
 from chimera_vllm.bench import demo
 from chimera_vllm.bench import serving as serving_bench
-from chimera_vllm.bench.throughput import Method
+from chimera_vllm.bench.methods import Method
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.testing.tiny import grammar_prompts
 from chimera_vllm.vllm.engine import close_llm, intel_openmp_library
@@ -217,14 +217,16 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
     assert "chimera:3" in capsys.readouterr().out
 
 
-def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
-    """The main job's code path (python -m chimera_vllm.bench.demo), on the tiny pair instead of SmolLM2."""
+def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys, monkeypatch):
+    """The main job's code path (chimera-vllm demo), on the tiny pair instead of SmolLM2; vLLM's
+    log goes to the run folder."""
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     target_dir, draft_dir, _, tokenizer = pair
     prompts = prompts_file(tmp_path, tokenizer, 6, seed=29)
     out = tmp_path / "demo" / "report"
     args = ["--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts)]
     options = ["--batch-size", "2", "--num-prompts", "5", "--num-speculative-tokens", "2", "--max-new-tokens", "24"]
-    assert demo.main([*args, *options, "--out", str(out)]) == 0
+    assert cli.main(["demo", *args, *options, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     none, chimera = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert chimera["method"] == "chimera+ngram:4:2" and chimera["outputs_identical"] is True  # lookup: 4 tokens
@@ -237,6 +239,7 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys):
         f"{chimera['speedup']:.2f}x",
     ]
     assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0
+    assert f"vLLM's log: {out}.log" in printed and "INFO" in out.with_suffix(".log").read_text()
 
 
 def test_lookup_tokens_choose_the_method():

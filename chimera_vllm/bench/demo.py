@@ -5,59 +5,27 @@ spread over the categories, so that a second run takes under 5 minutes on a 2-co
 one engine without speculation and one with the Chimera draft shipped in
 chimera_vllm/drafts, prompt lookup beside it (docs/vllm-integration.md). Prints output
 tokens/s, per-token latency, mean accepted length, speedup and whether the outputs are
-identical, and writes the report (JSON, markdown, PNG) under --out. ``make demo`` sets up .venv and the target first.
+identical, and writes the report (JSON, markdown, PNG) and vLLM's log under --out
+(``chimera-vllm demo``; ``make demo`` sets up .venv and the target first).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from chimera_vllm.bench.throughput import Method, Row, identity, run, write_report
+from chimera_vllm.bench.methods import Method
+from chimera_vllm.bench.throughput import Row, identity, run, write_report
 from chimera_vllm.data import MT_BENCH
 from chimera_vllm.data.prompts import encode_prompts
 from chimera_vllm.drafts import resolve_draft
-from chimera_vllm.environment import logs_to_stderr, use_offline_hub
+from chimera_vllm.environment import vllm_log_to_file
 from chimera_vllm.reference.fetch import PACKAGED_TARGETS
 from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
 
 TARGET = PACKAGED_TARGETS["smollm2-135m"].hub_name
 DRAFT = "smollm2-135m-instruct"
 PROMPTS = MT_BENCH
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m chimera_vllm.bench.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=TARGET)
-    p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
-    p.add_argument("--prompts", default=str(PROMPTS))
-    p.add_argument(
-        "--num-prompts",
-        type=int,
-        default=24,
-        help="prompts taken evenly across the file (MT-bench: 3 of each category's 10 questions); 80: all",
-    )
-    p.add_argument(
-        "--num-speculative-tokens",
-        type=int,
-        default=1,
-        help="the draft model's tokens per step; 1: on a CPU in float32 the draft's weights, read once per "
-        "draft token, cost more than a second draft token gains (benchmarks/results/throughput-cpu-fp32-avx2.md; "
-        "with AVX-512 too: throughput-cpu-fp32-avx512-lookup-b4.md)",
-    )
-    p.add_argument(
-        "--lookup-tokens",
-        type=int,
-        default=4,
-        help="prompt lookup beside the draft: where the text so far matches, up to this many tokens of what "
-        "followed the match (0: off; benchmarks/results/throughput-cpu-fp32-avx2-lookup.md)",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="vLLM's max_num_seqs")
-    p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--out", default="runs/demo/mt-bench")
-    return p.parse_args(argv)
 
 
 def spread(items: list, n: int) -> list:
@@ -84,10 +52,12 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    use_offline_hub()
-    logs_to_stderr()
+def run_demo(args: argparse.Namespace, command: str) -> None:
+    """Both engines on the same prompts, then the summary; vLLM's log goes to OUT.log unless
+    --show-vllm-log, so that the console shows the progress bars and the result."""
+    out = Path(args.out)
+    if not args.show_vllm_log:
+        vllm_log_to_file(out.with_suffix(".log"))
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
     prompts = spread(encode_prompts(args.prompts, tokenizer), args.num_prompts)
@@ -106,12 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         eos_token_ids(tokenizer, generation_config(args.target)),
         progress=True,
     )
-    out = Path(args.out)
-    write_report(rows, out, "python -m chimera_vllm.bench.demo " + " ".join(argv or sys.argv[1:]), vars(args))
+    extra = {k: v for k, v in vars(args).items() if k != "func"}
+    write_report(rows, out, command, extra)
     print("\n" + summary(rows))
-    print(f"\nreport: {out}.md, {out}.json; chart: {out}.png")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(
+        f"\nreport: {out}.md, {out}.json; chart: {out}.png" + ("" if args.show_vllm_log else f"; vLLM's log: {out}.log")
+    )

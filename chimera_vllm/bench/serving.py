@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import signal
 import socket
 import statistics
@@ -34,9 +33,10 @@ from pathlib import Path
 
 import httpx
 
-from chimera_vllm.bench.throughput import Method, markdown, median_of, ratio_cell, speedup_cell, values_of
+from chimera_vllm.bench.methods import Method
+from chimera_vllm.bench.report import markdown, median_of, ratio_cell, speedup_cell, values_of
 from chimera_vllm.data.prompts import read_prompts
-from chimera_vllm.vllm.engine import preload_intel_openmp
+from chimera_vllm.vllm.server import server_command, server_environment
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "tpot", "e2el")
@@ -116,24 +116,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(target: str, spec: dict | None, server_args: list[str]) -> list[str]:
-    """vLLM's OpenAI-compatible server for target with speculative config spec (the module form
-    works where the `vllm` script does not)."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, *server_args]
-    return cmd + (["--speculative-config", json.dumps(spec)] if spec else [])
-
-
 @contextlib.contextmanager
 def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended).
 
     Yields its base URL and process once /health answers; stops it with SIGTERM on exit. On a
-    CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm.engine.preload_intel_openmp`).
+    CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm.server.server_environment`).
     Fails with the server's last log lines if it exits or is not healthy within timeout_s.
     """
     port = free_port()
-    env = dict(os.environ)
-    preload_intel_openmp(env)
+    env = server_environment()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -171,15 +163,9 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log, timeout_s: float) -> N
 
 
 def server_args(dtype: str, max_model_len: int, extra: list[str] = ()) -> list[str]:
-    """The server's command-line arguments: the platform's engine defaults (eager and a fixed KV
-    cache on CPU, see vllm_engine.engine_defaults), dtype and context length, then extra."""
-    from chimera_vllm.vllm.engine import engine_defaults
-
-    args = ["--dtype", dtype, "--max-model-len", str(max_model_len)]
-    for key, value in engine_defaults().items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return args + list(extra)
+    """The server's arguments for a benchmark: dtype and context length, then extra (the platform's
+    engine defaults are added by vllm.server.server_command where extra does not set them)."""
+    return ["--dtype", dtype, "--max-model-len", str(max_model_len), *extra]
 
 
 def measure_load(
@@ -386,7 +372,7 @@ def plot(rows: list[ServingRow], path: Path) -> None:
 
 def write_report(rows: list[ServingRow], out: Path, command: str, extra: dict) -> None:
     """out.json (every row, machine and versions), out.md (the table) and out.png."""
-    from chimera_vllm.bench.throughput import run_info, write_result_files
+    from chimera_vllm.bench.report import run_info, write_result_files
 
     info = {**run_info(command), **extra}
     body = f"{markdown_table(rows)}\n\n![]({out.name}.png)"

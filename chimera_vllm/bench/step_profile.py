@@ -24,7 +24,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chimera_vllm.bench.throughput import Method, run_info, write_result_files
+from chimera_vllm.bench.methods import Method
+from chimera_vllm.bench.report import run_info, write_result_files
 from chimera_vllm.vllm.engine import close_llm, generate, make_llm, warm_up
 
 # (label, depth, pattern on the trace event's name): vLLM's V1 model runner and the Chimera draft.

@@ -12,138 +12,22 @@ Used by ``chimera-vllm bench``, ``benchmarks/throughput.py`` and the demo.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from chimera_vllm.vllm.engine import (
-    NGRAM_LOOKUP,
-    chimera_spec,
-    close_llm,
-    generate,
-    make_llm,
-    medusa_spec,
-    ngram_spec,
-    openmp_runtime,
-    warm_up,
+from chimera_vllm.bench.methods import ANY_BATCH, HYBRID, Method
+from chimera_vllm.bench.report import (
+    markdown,
+    median_of,
+    ratio_cell,
+    run_info,
+    speedup_cell,
+    values_of,
+    write_result_files,
 )
-from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
-
-HYBRID = "chimera+ngram"
-METHODS = ("none", "ngram", "chimera", "medusa", "hf", HYBRID)
-ANY_BATCH = 1 << 20
-"""The last batch size of a schedule's open-ended range (vLLM clips it to max_num_seqs)."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4").
-
-    "chimera+ngram:K:D" is the Chimera draft with prompt lookup beside it: the lookup's
-    drafts where it finds a match (up to K tokens), D tokens of the draft model elsewhere
-    ("chimera+ngram:K" for D = K). A "@N" suffix on a Chimera method ("chimera:2@4") speculates
-    only while at most N requests run (vLLM's batch-size schedule, K = 0 above; what
-    ``chimera-vllm serve --max-speculative-batch N`` runs). "hf" is an outside baseline, not a vLLM engine:
-    transformers' ``generate``, one request at a time (what a single-user CPU setup might
-    run instead of vLLM).
-    """
-
-    name: str
-    k: int = 0
-    # vLLM's num_speculative_tokens_per_batch_size: (first, last batch size, K) ranges; k is their max
-    schedule: tuple[tuple[int, int, int], ...] | None = None
-    draft_k: int | None = None  # chimera+ngram: the draft model's tokens per step
-
-    @classmethod
-    def parse(cls, text: str) -> Method:
-        method, at, max_batch = text.partition("@")
-        name, _, rest = method.partition(":")
-        k, _, draft_k = rest.partition(":")
-        valid = (
-            name in METHODS
-            and (name in ("none", "hf")) == (k == "")
-            and (draft_k == "" or name == HYBRID)
-            and all(part.isdigit() for part in (k, draft_k) if part)
-            and (not at or (name in ("chimera", HYBRID) and max_batch.isdigit() and int(max_batch) > 0))
-        )
-        if not valid:
-            raise ValueError(
-                f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K; "
-                "chimera methods take @N to speculate only while at most N (>= 1) requests run"
-            )
-        method = cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
-        return method.up_to_batch(int(max_batch)) if at else method
-
-    @classmethod
-    def chimera(cls, draft_tokens: int, lookup_tokens: int = 0, max_batch: int | None = None) -> Method:
-        """The Chimera draft's D tokens a step, with prompt lookup's up to L beside it when L > 0
-        (the lookup drafts at least the draft model's share: K = max(L, D)); with max_batch, only
-        while at most that many requests run (vLLM's batch-size schedule, K = 0 above)."""
-        if lookup_tokens < 0:
-            raise ValueError(f"--lookup-tokens must be 0 (off) or more, got {lookup_tokens}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"--max-speculative-batch must be 1 or more, got {max_batch}")
-        k = max(lookup_tokens, draft_tokens)
-        method = cls("chimera", k) if lookup_tokens == 0 else cls(HYBRID, k, draft_k=draft_tokens)
-        return method if max_batch is None else method.up_to_batch(max_batch)
-
-    def up_to_batch(self, max_batch: int) -> Method:
-        """This method while at most max_batch requests run, no speculation above."""
-        return replace(self, schedule=((1, max_batch, self.k), (max_batch + 1, ANY_BATCH, 0)))
-
-    def __str__(self) -> str:
-        if self.name == HYBRID:
-            text = f"{self.name}:{self.k}" + (f":{self.draft_k}" if self.draft_k is not None else "")
-        else:
-            text = self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
-        if self.schedule is None:
-            return text
-        max_batch = self.max_speculative_batch()
-        if max_batch is not None:
-            return f"{text}@{max_batch}"
-        return f"{text}:auto" if self.name == HYBRID else f"{self.name}:auto"
-
-    def max_speculative_batch(self) -> int | None:
-        """N where the schedule is K up to N requests and off above (up_to_batch's), else None;
-        such a schedule prints as "@N" whether given or tuned, others as ":auto"."""
-        if self.schedule is not None and self.schedule == self.up_to_batch(self.schedule[0][1]).schedule:
-            return self.schedule[0][1]
-        return None
-
-    def spec(self, drafts: dict[str, str | None]) -> dict | None:
-        """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
-        if self.name == "ngram":
-            return ngram_spec(self.k)
-        if self.name in ("chimera", "medusa", HYBRID):
-            kind = "medusa" if self.name == "medusa" else "chimera"
-            path = drafts.get(kind)
-            if path is None:
-                raise ValueError(f"the {self.name} method needs --{'draft' if kind == 'chimera' else 'medusa'}")
-            if self.name == "medusa":
-                return medusa_spec(path, self.k)
-            extra = {}
-            if self.schedule:
-                extra["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]
-            if self.name == HYBRID:
-                extra.update(NGRAM_LOOKUP, **({DRAFT_TOKENS_KEY: self.draft_k} if self.draft_k else {}))
-            return chimera_spec(path, self.k, **extra)
-        return None
-
-
-def parse_methods(texts: list[str]) -> list[Method]:
-    """The methods of a --methods list, each once (a second engine of the same method would only
-    overwrite the first one's row or trace)."""
-    methods = [Method.parse(text) for text in texts]
-    for i, (text, method) in enumerate(zip(texts, methods)):
-        if method in methods[:i]:
-            raise ValueError(f"method {text!r} is listed twice in --methods")
-    return methods
+from chimera_vllm.vllm.engine import close_llm, generate, make_llm, warm_up
 
 
 def tuned_schedule(
@@ -398,16 +282,6 @@ def median_rows(rows: list[Row]) -> list[Row]:
 MEDIAN_FIELDS = ("output_tokens_per_s", "ms_per_output_token", "mean_accepted_length", "speedup", "speedup_over_tau")
 
 
-def values_of(rows: list, name: str) -> list[float]:
-    """The rows' values of a field, where set (a bench Row or a serving row)."""
-    return [getattr(r, name) for r in rows if getattr(r, name) is not None]
-
-
-def median_of(rows: list, name: str) -> float | None:
-    values = values_of(rows, name)
-    return statistics.median(values) if values else None
-
-
 def check_divergences(rows: list[Row], target, prompts: list[list[int]]) -> None:
     """For greedy rows whose outputs differ from "none"'s (bf16 arithmetic depends on batch shape):
     the match rate, and whether every divergence starts at a near-tie of the float32 target."""
@@ -431,12 +305,6 @@ def identity(r: Row) -> str:
     return "no" if r.match_rate is None else f"no ({r.match_rate:.0%} equal)"
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
-
-
 def markdown_table(rows: list[Row]) -> str:
     """The report's table; with several rounds, each setting's medians (speedup: median (lowest-highest))."""
     rounds = 1 + max((r.round for r in rows), default=0)
@@ -456,16 +324,6 @@ def markdown_table(rows: list[Row]) -> str:
         return table
     note = f"Medians over {rounds} rounds (engines alternated round by round; each speedup against its round's)"
     return f"{note}:\n\n{table}"
-
-
-def ratio_cell(x: float | None, suffix: str = "") -> str:
-    return "-" if x is None else f"{x:.2f}{suffix}"
-
-
-def speedup_cell(speedup: float | None, speedup_range: tuple[float, float] | None, suffix: str = "") -> str:
-    """A speedup, with its lowest and highest round after it when several rounds measured it."""
-    cell = ratio_cell(speedup, suffix)
-    return cell if speedup_range is None else f"{cell} ({speedup_range[0]:.2f}-{speedup_range[1]:.2f})"
 
 
 def plot(measured: list[Row], path: Path) -> None:
@@ -521,55 +379,6 @@ def plot(measured: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# The instruction sets that decide this project's CPU speeds: bf16 matmuls are native with
-# avx512_bf16 or AMX and emulated (slower than float32) with AVX2 alone.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """'<model name>, <the CPU_FEATURES it has>' from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return platform.processor() or "?"
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + "/".join(CPU_FEATURES)
-    return f"{fields.get('model name', '?')}, {features}"
-
-
-def run_info(command: str) -> dict:
-    """When, where and with what a benchmark ran: the header of every report. The command carries
-    the vLLM CPU backend's settings in effect (VLLM_CPU_*: threads, cores, KV cache), which set its speed,
-    and on a CPU the OpenMP runtime its engines ran on."""
-    import torch
-    import vllm
-
-    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]
-    openmp = {} if torch.cuda.is_available() else {"openmp": openmp_runtime()}
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "vllm": vllm.__version__,
-        "torch": torch.__version__,
-        "command": " ".join([*settings, command]),
-        **openmp,
-    }
-
-
-def write_result_files(out: Path, title: str, info: dict, results: dict, body: str) -> None:
-    """out.json ({**info, **results}) and out.md (title, info as a list, then body): every report."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**info, **results}, indent=1))
-    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
-    out.with_suffix(".md").write_text(f"# {title}\n\n{header}\n\n{body}\n")
 
 
 def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:

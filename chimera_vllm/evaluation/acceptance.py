@@ -112,6 +112,28 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def text_report(self, k: int) -> str:
+        """Per head: acceptance, top-1 and top-5; top-1 by confidence bucket; by category when known."""
+        lines = [f"{'head':>6}{'acceptance':>12}{'top-1':>8}{'top-5':>8}"]
+        for i in range(k):
+            lines.append(
+                f"{i:>6}{self.acceptance_by_position[i]:>12.3f}{self.head_top1[i]:>8.3f}{self.head_top5[i]:>8.3f}"
+            )
+        for whose, buckets in (
+            ("the target's probability of its token", self.head_top1_by_target_confidence),
+            ("the draft's probability of its top token", self.head_top1_by_draft_confidence),
+        ):
+            lines.append(f"head top-1 where {whose} is in [low, high) (share of positions):")
+            for b in buckets:
+                cells = "  ".join(f"{t:.3f} ({s:.2f})" for t, s in zip(b.head_top1, b.share))
+                lines.append(f"  [{b.low:.2f}, {b.high:.2f})  {cells}")
+        if self.by_category:
+            lines.append("by the prompts' category (mean accepted length; head top-1):")
+            for c in self.by_category:
+                cells = "  ".join(f"{t:.3f}" for t in c.head_top1)
+                lines.append(f"  {c.category:<16}{c.num_prompts:>4} prompts  {c.mean_accepted_length:.3f}  {cells}")
+        return "\n".join(lines)
+
 
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rank of each label among [N, V] logits, ties broken by lower index as torch.argmax does."""

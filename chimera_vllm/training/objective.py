@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts, trigram_ids
+from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.model.layers import trigram_ids
 
 
 def verified_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from vllm._custom_ops import weight_packed_linear_cpu
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-from chimera_vllm.model.draft import ResBlock, ResidualHeads, TrigramEncoder
+from chimera_vllm.model.layers import ResBlock, ResidualHeads, TrigramEncoder
 
 SMALL_GEMM_MAX_ROWS = 8
 """Up to this many rows (one per request in a draft step) the small-GEMM kernel is the faster one

@@ -36,7 +36,7 @@ from vllm.utils.torch_utils import _encode_layer_name
 
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError
 from chimera_vllm.kernels.greedy_head import greedy_draft_head
-from chimera_vllm.model.draft import ResidualHeads, TrigramEncoder, restrict_to_vocab
+from chimera_vllm.model.layers import ResidualHeads, TrigramEncoder, restrict_to_vocab
 from chimera_vllm.vllm.cpu_gemm import CpuDraftGemms, route_small_batches
 from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 

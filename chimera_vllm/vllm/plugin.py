@@ -1,21 +1,11 @@
 """vLLM plugin entry point (``vllm.general_plugins`` group, declared in setup.py).
 
-vLLM calls :func:`register` in every process it starts. It makes a Chimera draft a
-first-class speculative model of vLLM 0.32/0.33 (docs/vllm-integration.md):
-
-1. the model class: architecture ``ChimeraDraftModel`` -> :class:`ChimeraDraftForVLLM`;
-2. the speculators type ``chimera``, so that vLLM reads a Chimera draft's
-   config.json and ``vllm serve DRAFT_DIR`` serves its verifier with it;
-3. the speculative method: vLLM's method list is fixed, so a speculative config
-   whose model is a Chimera draft (method unset, ``"chimera"`` or ``"eagle"``) is
-   run by vLLM's EAGLE machinery (paged KV cache, target hidden states);
-4. the proposer: :class:`ChimeraProposer` takes the place of vLLM's EagleProposer
-   in the V1 model runner, and Model Runner V2 (which has no such hook) is turned
-   off when a Chimera draft is loaded, with a log line saying so;
-5. on CPU, fixes to vLLM-CPU's speculative sampling: its temperature expansion, the
-   recovered tokens' noise, and steps without drafts (:mod:`chimera_vllm.vllm.patches.cpu_sampling`);
-6. the engine core asks the worker for a Chimera draft's tokens only after a step that
-   proposed some (:mod:`chimera_vllm.vllm.patches.draft_fetch`).
+vLLM calls :func:`register` in every process it starts. Through vLLM's public hooks it
+registers the model class (architecture ``ChimeraDraftModel`` -> ``ChimeraDraftForVLLM``)
+and the speculators type ``chimera`` (so that vLLM reads a Chimera draft's config.json and
+``vllm serve DRAFT_DIR`` serves its verifier with it); then it installs the changes to vLLM
+internals that have no hook, each listed with its reason in :mod:`chimera_vllm.vllm.patches`.
+The functions below that those patches name are the ones that concern the plugin's own routing.
 """
 
 from __future__ import annotations
@@ -33,12 +23,12 @@ from chimera_vllm.config import (
     ChimeraConfig,
     ChimeraConfigError,
 )
-from chimera_vllm.vllm.patches import cpu_sampling, patch_once
+from chimera_vllm.vllm.patches import CHECKED_VLLM, install_all, patch_once
 from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = ("0.32", "0.33")
+SUPPORTED_VLLM = CHECKED_VLLM
 
 
 def register() -> None:
@@ -55,11 +45,7 @@ def register() -> None:
 
     ModelRegistry.register_model(DRAFT_ARCHITECTURE, "chimera_vllm.vllm.model:ChimeraDraftForVLLM")
     _register_speculators_type()
-    _route_chimera_drafts_to_eagle()
-    _install_proposer()
-    _keep_v1_model_runner()
-    cpu_sampling.install()
-    _install_draft_fetch()
+    install_all()
 
 
 def read_config_dict(model: str | None) -> dict[str, Any] | None:
@@ -125,7 +111,7 @@ def _register_speculators_type() -> None:
         register_speculator(SPECULATORS_MODEL_TYPE)(_update_chimera)
 
 
-def _route_chimera_drafts_to_eagle() -> None:
+def route_chimera_drafts_to_eagle() -> None:
     """Every speculative config (CLI, LLM(), speculators) becomes a SpeculativeConfig here."""
     from vllm.engine.arg_utils import EngineArgs
 
@@ -176,7 +162,7 @@ def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, targ
     check_draft_for_target(config, target_model_config.hf_config, num_speculative_tokens)
 
 
-def _install_proposer() -> None:
+def install_proposer() -> None:
     from vllm.v1.worker import gpu_model_runner
 
     from chimera_vllm.vllm.proposer import ChimeraProposer
@@ -185,13 +171,7 @@ def _install_proposer() -> None:
         gpu_model_runner.EagleProposer = ChimeraProposer
 
 
-def _install_draft_fetch() -> None:
-    from chimera_vllm.vllm.patches import draft_fetch
-
-    draft_fetch.install()
-
-
-def _keep_v1_model_runner() -> None:
+def keep_v1_model_runner() -> None:
     """Model Runner V2 has its own speculators and no place for Chimera's: use V1 with a Chimera draft."""
     from vllm.config import VllmConfig
 

@@ -1,0 +1,53 @@
+"""Commands that carry drafts across formats: the authors' checkpoints in, vLLM's Medusa format out."""
+
+from __future__ import annotations
+
+import argparse
+
+from chimera_vllm.cli import options
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "convert-official",
+        help="import kafkayu/Chimera's released .pt files",
+        parents=[options.target(), options.dtype("float32")],
+    )
+    c.add_argument("--official", required=True, help="directory with trimlp.pt, fast_layer1.pt, chimera_head.pt")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_convert_official)
+
+    x = sub.add_parser(
+        "export-medusa",
+        help="a Medusa-baseline draft in vLLM's built-in Medusa format",
+        parents=[
+            options.target(),
+            options.draft(required=True, help="a draft trained with --head-type medusa"),
+            options.dtype("bfloat16"),
+        ],
+    )
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export_medusa)
+
+
+def cmd_convert_official(args: argparse.Namespace) -> None:
+    from chimera_vllm.model.checkpoint import convert_official
+    from chimera_vllm.reference.target import load_target
+
+    target = load_target(args.target, args.dtype)
+    draft = convert_official(target, args.target, args.official)
+    draft.save_pretrained(args.out)
+    print(f"converted the official checkpoint in {args.official} to {args.out}")
+
+
+def cmd_export_medusa(args: argparse.Namespace) -> None:
+    from chimera_vllm.model.checkpoint import export_vllm_medusa
+    from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+    from chimera_vllm.reference.target import load_target
+
+    target = load_target(args.target, args.dtype)
+    draft = ChimeraDraft.from_pretrained(args.draft, target.config)
+    export_vllm_medusa(draft, TargetParts.from_model(target), args.out)
+    print(f"wrote {args.out}: vLLM's Medusa format (speculative method medusa)")
+    if draft.draft_vocab is not None:
+        print("note: vLLM's Medusa drafts from the whole vocabulary (its loader rejects a token_map)")
