@@ -171,6 +171,15 @@ def _add_profile_step(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=cmd_profile_step)
 
 
+def _show_and_write(table: str, write, args: argparse.Namespace) -> None:
+    """Print a benchmark's table; with --out, write its report with the run's inputs beside it."""
+    print(table)
+    if args.out:
+        extra = {name: getattr(args, name, None) for name in ("target", "draft", "medusa", "prompts", "dtype")}
+        write(Path(args.out), extra)
+        print(f"written to {args.out}.json, .md and .png")
+
+
 def _command() -> str:
     return "chimera-vllm " + " ".join(sys.argv[1:])
 
@@ -211,11 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
     )
-    print(markdown_table(rows))
-    if args.out:
-        extra = {"target": args.target, "draft": args.draft, "medusa": args.medusa, "prompts": args.prompts}
-        write_report(rows, Path(args.out), _command(), extra)
-        print(f"written to {args.out}.json, .md and .png")
+    _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
@@ -236,11 +241,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
         args.timeout,
         rounds=args.rounds,
     )
-    print(markdown_table(rows))
-    if args.out:
-        extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
-        write_report(rows, Path(args.out), _command(), extra)
-        print(f"written to {args.out}.json, .md and .png")
+    _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
 
 
 def cmd_profile_step(args: argparse.Namespace) -> None:
