@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import INTERPRET, tl, triton, use_triton
+from .trigram import Linear
 
 
 def greedy_head_reference(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
@@ -89,13 +90,16 @@ def greedy_head_triton(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Ten
     return idx.gather(1, best_tile)[:, 0]
 
 
-def greedy_draft_head(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-    """[T, H] features, [V, H] vocabulary matrix -> arg-max ids [T]; Triton on CUDA at inference.
+def greedy_draft_head(hidden: torch.Tensor, lm_head: torch.Tensor, gemm: Linear | None = None) -> torch.Tensor:
+    """[T, H] features, [V, H] vocabulary matrix -> arg-max ids [T]; Triton on CUDA at inference;
+    with gemm (lm_head prepacked for vLLM's CPU GEMMs, trigram.Linear), that GEMM and an arg-max.
 
-    Elsewhere a plain matmul + arg-max in the inputs' dtype: the reference's float32 copy of a
-    bf16 LM head costs ~60 ms per call on a CPU (SmolLM2's [49152, 576]), the matmul ~3 ms. In
-    bf16 the two can differ where logits round to a tie; any draft token keeps decoding lossless.
+    Elsewhere a plain matmul + arg-max in the inputs' dtype: on a CPU the reference's float32 copy
+    of a bf16 LM head costs many times the matmul it feeds. In bf16 the two can differ where logits
+    round to a tie; any draft token keeps decoding lossless.
     """
+    if gemm is not None:
+        return gemm(hidden).argmax(dim=-1)
     if use_triton(hidden, lm_head):
         return greedy_head_triton(hidden, lm_head)
     if hidden.dtype == torch.float32:

@@ -10,12 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import INTERPRET, tl, triton, use_triton
+from .trigram import Linear
+
+
+def residual_head_with(h_hat: torch.Tensor, anchor: torch.Tensor, head: Linear) -> torch.Tensor:
+    """y = ĥ + SiLU(head([ĥ; h_a])) with head k's linear layer through any GEMM (trigram.Linear):
+    the one statement of the math, for the reference and the CPU GEMM path."""
+    return h_hat + F.silu(head(torch.cat([h_hat, anchor], dim=-1)))
 
 
 def residual_head_reference(h_hat, anchor, weight, bias, step: int | torch.Tensor) -> torch.Tensor:
     """h_hat/anchor [T, H], weight [K, H, 2H], bias [K, H], step (int or 0-d tensor) -> [T, H]."""
     w, b = weight[step], bias[step]
-    return h_hat + F.silu(F.linear(torch.cat([h_hat, anchor], dim=-1), w, b))
+    return residual_head_with(h_hat, anchor, lambda x: F.linear(x, w, b))
 
 
 if triton is not None:

@@ -10,10 +10,26 @@ concatenation in memory) and fuses the official ResBlock's bias, SiLU and residu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ._triton import INTERPRET, tl, triton, use_triton
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+"""x -> x Wᵀ + b through whichever GEMM a caller has: F.linear, an nn.Linear, vLLM's CPU GEMMs."""
+
+
+def trigram_mlp(x: torch.Tensor, linear1: Linear | None, linear2: Linear) -> torch.Tensor:
+    """The trigram MLP over gathered rows x [T, 3H]: z = x + SiLU(W1 x + b1) (None: z = x), out = W2 z.
+
+    The one statement of the math: the PyTorch reference, a tensor-parallel vLLM draft (rows gathered
+    by vLLM's embedding) and the CPU GEMM path (prepacked weights) all call it with their own GEMMs.
+    """
+    if linear1 is not None:
+        x = x + F.silu(linear1(x))
+    return linear2(x)
 
 
 def trigram_reference(
@@ -21,9 +37,8 @@ def trigram_reference(
 ) -> torch.Tensor:
     """ids [T, 3], embed [V, H], w1 [3H, 3H] / b1 [3H] (None for the linear MLP), w2 [H, 3H] -> [T, H]."""
     x = F.embedding(ids, embed).flatten(-2).to(w2.dtype)
-    if w1 is not None:
-        x = x + F.silu(F.linear(x, w1, b1))
-    return F.linear(x, w2)
+    linear1 = None if w1 is None else lambda rows: F.linear(rows, w1, b1)
+    return trigram_mlp(x, linear1, lambda rows: F.linear(rows, w2))
 
 
 if triton is not None:

@@ -18,19 +18,18 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from chimera_vllm.kernels.residual_head import residual_head
-from chimera_vllm.kernels.trigram import trigram_fused
+from chimera_vllm.kernels.trigram import trigram_fused, trigram_mlp
 
 
 class ResBlock(nn.Module):
-    """x + SiLU(Linear(x)), with the linear weight zero-initialised (identity at start)."""
+    """The parameters of x + SiLU(Linear(x)) (kernels.trigram.trigram_mlp computes it), the linear
+    weight zero-initialised so that the block starts as the identity; a module of its own so that
+    checkpoints keep the authors' names (trigram.mlp.0.linear)."""
 
     def __init__(self, size: int):
         super().__init__()
         self.linear = nn.Linear(size, size)
         nn.init.zeros_(self.linear.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + F.silu(self.linear(x))
 
 
 class TrigramEncoder(nn.Module):
@@ -42,12 +41,21 @@ class TrigramEncoder(nn.Module):
         layers: list[nn.Module] = [ResBlock(h3)] if kind == "resblock" else []
         self.mlp = nn.Sequential(*layers, nn.Linear(h3, hidden_size, bias=False))
 
+    def linears(self) -> tuple[nn.Linear | None, nn.Linear]:
+        """The MLP's two linear layers: the ResBlock's (None for the linear MLP) and the output one."""
+        res = self.mlp[0] if isinstance(self.mlp[0], ResBlock) else None
+        return (None if res is None else res.linear), self.mlp[-1]
+
     def forward(self, trigram_ids: Tensor, embed_weight: Tensor) -> Tensor:
         """trigram_ids [..., 3] -> [..., H] (the fused kernel on CUDA at inference)."""
-        res = self.mlp[0] if isinstance(self.mlp[0], ResBlock) else None
-        w1, b1 = (res.linear.weight, res.linear.bias) if res is not None else (None, None)
-        out = trigram_fused(trigram_ids.reshape(-1, 3), embed_weight, w1, b1, self.mlp[-1].weight)
+        linear1, linear2 = self.linears()
+        w1, b1 = (None, None) if linear1 is None else (linear1.weight, linear1.bias)
+        out = trigram_fused(trigram_ids.reshape(-1, 3), embed_weight, w1, b1, linear2.weight)
         return out.view(*trigram_ids.shape[:-1], -1)
+
+    def encode_rows(self, rows: Tensor) -> Tensor:
+        """[T, 3H] embedding rows gathered elsewhere (vLLM's embedding layer) -> [T, H]."""
+        return trigram_mlp(rows, *self.linears())
 
 
 def trigram_ids(input_ids: Tensor) -> Tensor:

@@ -22,11 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from vllm._custom_ops import weight_packed_linear_cpu
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-from chimera_vllm.model.layers import ResBlock, ResidualHeads, TrigramEncoder
+from chimera_vllm.kernels.greedy_head import greedy_draft_head
+from chimera_vllm.kernels.residual_head import residual_head_with
+from chimera_vllm.kernels.trigram import trigram_mlp
+from chimera_vllm.model.layers import ResidualHeads, TrigramEncoder
 
 SMALL_GEMM_MAX_ROWS = 8
 """Up to this many rows (one per request in a draft step) the small-GEMM kernel is the faster one
@@ -78,26 +80,27 @@ class CpuLinear:
 
 
 class CpuDraftGemms:
-    """The trigram MLP, the residual heads and the greedy LM head of a loaded draft, prepacked."""
+    """The trigram MLP, the residual heads and the greedy LM head of a loaded draft, prepacked; each
+    operation is the kernels' own statement of its math, run with these GEMMs."""
 
     def __init__(self, trigram: TrigramEncoder, heads: ResidualHeads, lm_head: torch.Tensor | None):
         """lm_head: the rows greedy drafting scores; None under tensor parallelism (vLLM's logits)."""
-        res = trigram.mlp[0] if isinstance(trigram.mlp[0], ResBlock) else None
-        self.w1 = None if res is None else CpuLinear(res.linear.weight, res.linear.bias)
-        self.w2 = CpuLinear(trigram.mlp[-1].weight)
+        linear1, linear2 = trigram.linears()
+        self.trigram_linears = (
+            None if linear1 is None else CpuLinear(linear1.weight, linear1.bias),
+            CpuLinear(linear2.weight),
+        )
         self.heads = [CpuLinear(w, b) for w, b in zip(heads.weight, heads.bias)]
         self.lm_head = None if lm_head is None else CpuLinear(lm_head)
 
     def trigram(self, rows: torch.Tensor) -> torch.Tensor:
         """[T, 3H] concatenated embeddings -> [T, H] (TrigramEncoder's MLP)."""
-        if self.w1 is not None:
-            rows = rows + F.silu(self.w1(rows))
-        return self.w2(rows)
+        return trigram_mlp(rows, *self.trigram_linears)
 
     def residual_head(self, step: int, h_hat: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         """Head k of ResidualHeads: ĥ + SiLU(W_k [ĥ; h_a] + b_k)."""
-        return h_hat + F.silu(self.heads[step](torch.cat([h_hat, anchor], dim=-1)))
+        return residual_head_with(h_hat, anchor, self.heads[step])
 
     def greedy(self, features: torch.Tensor) -> torch.Tensor:
         """Arg-max over the LM head's rows (row indices, not yet mapped to a draft vocabulary)."""
-        return self.lm_head(features).argmax(dim=-1)
+        return greedy_draft_head(features, self.lm_head.weight, gemm=self.lm_head)

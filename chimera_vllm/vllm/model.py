@@ -183,21 +183,26 @@ class ChimeraDraftForVLLM(nn.Module):
             raise NotImplementedError("Chimera drafts take token ids, not input embeddings")
         T = input_ids.shape[0]
         ids = torch.cat([self.trigram_context[:T], input_ids.long()[:, None]], dim=1)
-        cpu = self._cpu_gemms()
-        e = self._trigram(ids, cpu)
+        e = self._trigram(ids)
         h_hat = self.model.encoder(e, positions, keep_output=not last_step)
-        if cpu is not None:
-            return cpu.residual_head(int(self.draft_step), h_hat, hidden_states)
-        features, _ = self.model.heads(self.draft_step, h_hat, hidden_states, None)
-        return features
+        return self._residual_head(h_hat, hidden_states)
 
-    def _trigram(self, ids: torch.Tensor, cpu: CpuDraftGemms | None) -> torch.Tensor:
-        embed = self.model.embed_tokens
-        if self.tp_size == 1 and cpu is None:  # the whole table is here: the fused gather-GEMM
+    def _trigram(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T, 3] ids -> e [T, H]: the fused gather-GEMM where the whole embedding table is on this
+        rank, else rows gathered by vLLM's embedding layer (split by vocabulary under TP)."""
+        embed, cpu = self.model.embed_tokens, self._cpu_gemms()
+        if self.tp_size == 1 and cpu is None:
             return self.model.trigram(ids, embed.weight)
-        # The embedding layer gathers the rows (under TP the table is split by vocabulary).
         rows = embed(ids.reshape(-1)).view(ids.shape[0], -1)
-        return self.model.trigram.mlp(rows) if cpu is None else cpu.trigram(rows)
+        return self.model.trigram.encode_rows(rows) if cpu is None else cpu.trigram(rows)
+
+    def _residual_head(self, h_hat: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """ĥ [T, H], h_a [T, H] -> the features head ``draft_step`` hands to the target's LM head."""
+        cpu = self._cpu_gemms()
+        if cpu is not None:
+            return cpu.residual_head(int(self.draft_step), h_hat, anchor)
+        features, _ = self.model.heads(self.draft_step, h_hat, anchor, None)
+        return features
 
     def _cpu_gemms(self) -> CpuDraftGemms | None:
         """On a CPU, the draft's own matmuls through vLLM's CPU GEMMs (vllm_cpu_gemm.py), prepacked
