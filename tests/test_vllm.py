@@ -399,7 +399,7 @@ def test_steps_that_a_schedule_leaves_without_drafts_sample_as_without_speculati
     """K = 0 while one request runs: each of its steps has no draft, and samples (seeded, at
     temperature 0.8) the very tokens an engine without speculation does, with logprobs asked for
     too (then through vLLM's rejection sampler, which the plain sampler replaces otherwise:
-    chimera_vllm/vllm_cpu_fix.py). Two requests draft."""
+    chimera_vllm/vllm/patches/sample_without_drafts.py). Two requests draft."""
     _, _, _, tokenizer = pair
     prompts = grammar_prompts(tokenizer, 2, seed=47)
     llm = make_engine(
@@ -539,6 +539,6 @@ def test_step_profile_finds_every_component_in_a_real_trace(pair, tmp_path):
     assert ms["sampling / verification"] > ms["temperature, top-k/p (verification)"] + ms["rejection sampling"]
     assert ms["rejection sampling"] > ms["recovered tokens"]
     names = {e.get("name", "") for e in read_trace(tmp_path / "trace")}
-    assert any(re.search(r"vllm_cpu_fix\.py\(\d+\): sample_recovered_tokens$", n) for n in names)  # the CPU fix ran
+    assert any(re.search(r"recovered_tokens\.py\(\d+\): sample_recovered_tokens$", n) for n in names)  # the CPU fix ran
     parts = ms["trigram encoder"] + ms["encoder layer"] + ms["residual heads"]
     assert ms["draft model forward"] > parts

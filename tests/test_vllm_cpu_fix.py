@@ -11,14 +11,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from chimera_vllm.vllm.patches.cpu_sampling import (  # noqa: E402
-    greedy_by_argmax,
-    greedy_kernel_fits,
-    inverse_exponential_noise,
-    plain_greedy,
-    sample_recovered_tokens,
-    sample_without_drafts,
-)
+from chimera_vllm.vllm.patches.greedy_argmax import greedy_by_argmax, greedy_kernel_fits, plain_greedy  # noqa: E402
+from chimera_vllm.vllm.patches.recovered_tokens import inverse_exponential_noise, sample_recovered_tokens  # noqa: E402
+from chimera_vllm.vllm.patches.sample_without_drafts import sample_without_drafts  # noqa: E402
 
 
 def test_noise_is_exponential_for_requests_with_drafts_and_absent_for_the_rest():

@@ -39,7 +39,7 @@ COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("sampling / verification", 1, r"gpu_model_runner\.py\(\d+\): _sample$"),
     ("temperature, top-k/p (verification)", 2, r"rejection_sampler\.py\(\d+\): apply_sampling_constraints$"),
     ("rejection sampling", 2, r"rejection_sampler\.py\(\d+\): rejection_sample$"),
-    ("recovered tokens", 3, r"(rejection_sampler|vllm_cpu_fix)\.py\(\d+\): sample_recovered_tokens$"),
+    ("recovered tokens", 3, r"(rejection_sampler|recovered_tokens)\.py\(\d+\): sample_recovered_tokens$"),
     ("draft proposal", 1, r"gpu_model_runner\.py\(\d+\): propose_draft_token_ids$"),
     ("write context (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _write_context$"),
     ("prompt lookup (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _lookup$"),

@@ -72,7 +72,7 @@ def doctor_report() -> str:
         lines.append(f"  {name}  {target.hub_name}  {'ready' if ready else 'not fetched'}")
     lines.append("changes to vLLM internals (chimera_vllm/vllm/patches):")
     for patch in PATCHES:
-        state = "active" if supported and patch.applies() else "not applied here"
+        state = "applies here" if supported and patch.applies() else "not needed here"
         lines.append(f"  [{state}] {', '.join(patch.symbols)}")
         lines.append(f"      why: {patch.why}")
         lines.append(f"      scope: {patch.scope}; test: {patch.test}")

@@ -30,6 +30,7 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.vllm.model import carries_chimera_config
+from chimera_vllm.vllm.patches import install_on_chimera_runner
 from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 
@@ -60,6 +61,7 @@ class ChimeraProposer(EagleProposer):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, runner=None):
         super().__init__(vllm_config, device, runner)
         self.is_chimera = is_chimera_vllm_config(vllm_config)
+        self.runner = runner
         self.slot_tokens: torch.Tensor | None = None
         self.lookup: PromptLookup | None = None
         if self.is_chimera:
@@ -70,6 +72,12 @@ class ChimeraProposer(EagleProposer):
                 "which vLLM's async scheduling does not take: pass --no-async-scheduling "
                 "(async_scheduling=False), or leave prompt_lookup_min/max out"
             )
+
+    def load_model(self, target_model) -> None:
+        """vLLM's, then the changes to vLLM that act on this engine alone (vllm/patches)."""
+        super().load_model(target_model)
+        if self.is_chimera and self.runner is not None:
+            install_on_chimera_runner(self.runner)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
