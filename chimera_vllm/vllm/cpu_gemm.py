@@ -1,20 +1,16 @@
 """The draft's own matmuls on vLLM's CPU GEMM path.
 
-On a CPU, vLLM's linear layers do not call ``F.linear``: each prepacks its weight once
-for the platform's GEMM library (oneDNN with AMX on x86, zentorch on AMD Zen, vLLM's
-small-GEMM kernel for small weights) and calls that. The draft's trigram MLP, residual
-heads and draft-vocabulary LM head are Chimera's own parameters; run through ``F.linear``
-they cost 2-4x more per one-token step than through the same dispatch (SmolLM2-135M shapes,
-bf16, one core of this project's Xeon: a [1728, 1728] matmul 306 vs 93 µs, the
-[8192, 576] draft LM head 445 vs 133 µs). The CUDA path keeps the fused Triton kernels.
+On a CPU, vLLM's linear layers do not call ``F.linear``: each prepacks its weight once for the
+platform's GEMM library (oneDNN with AMX on x86, zentorch on AMD Zen, vLLM's small-GEMM kernel for
+small weights) and calls that. The draft's trigram MLP, residual heads and draft-vocabulary LM
+head are Chimera's own parameters; through ``F.linear`` they cost several times more per one-token
+step than through the same dispatch. The CUDA path keeps the fused Triton kernels.
 
-vLLM's dispatch takes its small-GEMM kernel (``weight_packed_linear``) only on CPUs with AMX
-and only for weights under 1 MiB. For the draft's larger weights at decode-sized batches it
-beats oneDNN too: on an AVX512-BF16 CPU without AMX at every draft shape up to 8 rows
-(benchmarks/results/cpu-gemm-avx512-cold.md and -warm.md), with AMX at one row
-(cpu-gemm-amx-*.md). So the draft's matmuls, its encoder layer's included, take it for
-decode-sized batches: a four-token proposal 28% cheaper in vLLM without AMX
-(benchmarks/results/draft-gemm-avx512.md), a two-token one 17% with AMX (draft-gemm-amx.md).
+vLLM's dispatch takes its small-GEMM kernel (``weight_packed_linear``) only on CPUs with AMX and
+only for weights under 1 MiB. For the draft's larger weights at decode-sized batches it beats
+oneDNN too (without AMX at every draft shape up to 8 rows; with AMX at one row), so the draft's
+matmuls, its encoder layer's included, take it for decode-sized batches. The measurements and the
+commands behind them: docs/vllm-integration.md, "The draft's own matmuls on vLLM's CPU GEMMs".
 """
 
 from __future__ import annotations

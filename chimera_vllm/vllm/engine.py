@@ -72,9 +72,8 @@ def intel_openmp_library(prefix: str | None = None) -> Path | None:
 def preload_intel_openmp(environ: MutableMapping[str, str] = os.environ, prefix: str | None = None) -> bool:
     """Have the engine processes that vLLM spawns from here on load Intel's OpenMP, as vLLM's CPU
     docs advise (its worker warns that speculative decoding without it loses speed); vLLM itself
-    preloads PyTorch's GNU OpenMP otherwise. On a 2-core EPYC in bf16 (docs/vllm-integration.md,
-    "Intel's OpenMP in the engine"), no speculation ran 9-12% faster at batch 16; at batch 1 each
-    method 3-9%, within the machine's noise.
+    preloads PyTorch's GNU OpenMP otherwise (what it gains: docs/vllm-integration.md, "Intel's
+    OpenMP in the engine").
 
     An OpenMP runtime the user already named in LD_PRELOAD is left as it is. Returns whether the
     library was added."""

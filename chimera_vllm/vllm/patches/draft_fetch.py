@@ -3,11 +3,11 @@
 After every step vLLM's engine core asks the worker for the step's drafts
 (``take_draft_token_ids``, one RPC). A batch-size schedule
 (``num_speculative_tokens_per_batch_size``) gives the steps of a large batch K = 0: the Chimera
-proposer then writes the draft's context and proposes nothing (vllm_proposer.py), and the
+proposer then writes the draft's context and proposes nothing (vllm/proposer.py), and the
 scheduler has already emptied each scheduled request's drafts when it scheduled them, so the
-reply would change nothing. At batch 64 on a 2-core CPU that RPC cost ~0.8 ms of a ~130 ms step,
-a part of the schedule's "off" state's cost against no speculation; it is skipped after such
-steps. Other drafts are left alone: vLLM's ``custom_class`` proposers, for one, ignore K.
+reply would change nothing: it is skipped after such steps, a part of the schedule's "off" state's
+cost against no speculation (docs/results/vllm-cpu.md). Other drafts are left alone: vLLM's
+``custom_class`` proposers, for one, ignore K.
 """
 
 from __future__ import annotations

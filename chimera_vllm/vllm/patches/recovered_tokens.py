@@ -3,7 +3,7 @@
 At temperature > 0, vLLM's ``sample_recovered_tokens`` draws exponential noise over the whole
 vocabulary for every request in the batch, drafts or not, with ``Tensor.exponential_``, which on a
 CPU costs several times ``uniform_`` + ``log_``: with a batch-size schedule's K = 0 that made a step
-slower than without speculation (docs/vllm-integration.md). This version draws the same
+slower than without speculation (docs/results/vllm-cpu.md). This version draws the same
 distribution (-log U is exponential) only for the requests that have drafts.
 
 The replacement of ``rejection_sampler.sample_recovered_tokens`` is inert until a Chimera engine's

@@ -4,7 +4,7 @@ With a speculative config, vLLM's model runner sends every step through the reje
 also a step in which no request has a draft (a batch-size schedule's K = 0, or prompt lookup
 finding no match): a copy of the logits, a second pass over them and the rejection bookkeeping.
 Such a step, when no logprobs are asked for, samples here as a step without speculation does; what
-it returns has the same shape, [batch, 1]. What it saves: docs/vllm-integration.md.
+it returns has the same shape, [batch, 1]. What it saves: docs/results/vllm-cpu.md.
 """
 
 from __future__ import annotations
