@@ -236,17 +236,8 @@ def run(
         rows += [replace(row, round=i) for row in measure(dtype, method, batch_size)]
     add_ratios(rows)
     if tune_schedule:
-        hybrids = [m for m in methods if m.name == HYBRID]
         for dtype in dtypes:
-            schedules = [(None, tuned_schedule(rows, dtype))] + [(m, tuned_schedule(rows, dtype, m)) for m in hybrids]
-            for family, schedule in schedules:
-                if schedule is None:
-                    continue
-                auto = (
-                    replace(family, schedule=schedule)
-                    if family is not None
-                    else Method("chimera", max(k for *_, k in schedule), schedule)
-                )
+            for auto in tuned_methods(rows, dtype, methods):
                 rows += [row for batch_size in batch_sizes for row in measure(dtype, auto, batch_size)]
         add_ratios(rows)
     if any(r.outputs_identical is False and r.round == 0 for r in rows):
@@ -254,6 +245,17 @@ def run(
 
         check_divergences([r for r in rows if r.round == 0], load_target(target, "float32"), prompts)
     return rows
+
+
+def tuned_methods(rows: list[Row], dtype: str, methods: list[Method]) -> list[Method]:
+    """The schedules tuned from the measured rows: "chimera:auto", and "chimera+ngram:K:D:auto" for
+    each chimera+ngram method (tuned_schedule); none where no schedule could be built."""
+    tuned = [Method("chimera", max(k for *_, k in s), s) for s in [tuned_schedule(rows, dtype)] if s is not None]
+    for hybrid in (m for m in methods if m.name == HYBRID):
+        schedule = tuned_schedule(rows, dtype, hybrid)
+        if schedule is not None:
+            tuned.append(replace(hybrid, schedule=schedule))
+    return tuned
 
 
 def median_rows(rows: list[Row]) -> list[Row]:
@@ -327,41 +329,28 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def plot(measured: list[Row], path: Path) -> None:
-    """Throughput against batch size per method (one panel per dtype and temperature; with several
-    rounds the medians, each round a faint dot), and the acceptance rate by draft position of each
-    speculative method (at its smallest batch size)."""
+    """Throughput per method (one panel per dtype and temperature: against batch size, or bars with
+    the speedup and τ where one batch size was measured; with several rounds the medians, each
+    round a faint dot), and the acceptance rate by draft position of each speculative method (at
+    its smallest batch size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = median_rows(measured)
-    several_rounds = any(r.round for r in measured)
     panels = sorted({(r.dtype, r.temperature) for r in rows})
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.method for r in rows))}  # one per method
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
-    for ax, (dtype, temperature) in zip(axes[0], panels):
-        for method, color in colors.items():
-            pts = sorted(
-                (r.batch_size, r.output_tokens_per_s)
-                for r in rows
-                if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
-            )
-            if not pts:  # e.g. transformers' generate, greedy only, in a T > 0 panel
-                continue
-            ax.plot(*zip(*pts), marker="o", label=method, color=color)
-            if several_rounds:
-                rounds = [
-                    (r.batch_size, r.output_tokens_per_s)
-                    for r in measured
-                    if (r.dtype, r.temperature, r.method) == (dtype, temperature, method)
-                ]
-                ax.scatter(*zip(*rounds), color=color, alpha=0.3, s=12)
-        sizes = sorted({r.batch_size for r in rows})
-        ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s", ylim=(0, None))
-        ax.set(title=f"{dtype}, T={temperature:g}", xticks=sizes, xticklabels=[str(b) for b in sizes])
-        ax.minorticks_off()
-        ax.legend()
+    one_batch_size = len({r.batch_size for r in rows}) == 1
+    for ax, panel in zip(axes[0], panels):
+        in_panel = [r for r in rows if (r.dtype, r.temperature) == panel]
+        rounds = [r for r in measured if (r.dtype, r.temperature) == panel] if any(r.round for r in measured) else []
+        if one_batch_size:
+            _throughput_bars(ax, in_panel, rounds, colors)
+        else:
+            _throughput_lines(ax, in_panel, rounds, colors)
+        ax.set_title(f"{panel[0]}, T={panel[1]:g}" + (f", batch {rows[0].batch_size}" if one_batch_size else ""))
     ax = axes[0][-1]
     smallest: dict[tuple, Row] = {}
     for r in rows:
@@ -379,6 +368,37 @@ def plot(measured: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _throughput_lines(ax, rows: list[Row], rounds: list[Row], colors: dict[str, str]) -> None:
+    """Output tokens/s against batch size, a line per method (each round a faint dot)."""
+    for method, color in colors.items():
+        pts = sorted((r.batch_size, r.output_tokens_per_s) for r in rows if r.method == method)
+        if not pts:  # e.g. transformers' generate, greedy only, in a T > 0 panel
+            continue
+        ax.plot(*zip(*pts), marker="o", label=method, color=color)
+        dots = [(r.batch_size, r.output_tokens_per_s) for r in rounds if r.method == method]
+        if dots:
+            ax.scatter(*zip(*dots), color=color, alpha=0.3, s=12)
+    sizes = sorted({r.batch_size for r in rows})
+    ax.set(xscale="log", xlabel="batch size (max_num_seqs)", ylabel="output tokens/s", ylim=(0, None))
+    ax.set(xticks=sizes, xticklabels=[str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.legend()
+
+
+def _throughput_bars(ax, rows: list[Row], rounds: list[Row], colors: dict[str, str]) -> None:
+    """Output tokens/s, a bar per method, each labelled with its speedup and τ (each round a dot)."""
+    for i, r in enumerate(rows):
+        ax.bar(i, r.output_tokens_per_s, color=colors[r.method])
+        label = "" if r.speedup is None else f"{r.speedup:.2f}x, τ {r.mean_accepted_length:.2f}"
+        ax.annotate(
+            label, (i, r.output_tokens_per_s), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points"
+        )
+        dots = [x.output_tokens_per_s for x in rounds if x.method == r.method]
+        ax.scatter([i] * len(dots), dots, color="black", alpha=0.4, s=12, zorder=3)
+    ax.set(xticks=range(len(rows)), xticklabels=[r.method for r in rows], ylabel="output tokens/s")
+    ax.set_ylim(0, 1.15 * max((r.output_tokens_per_s for r in rows), default=1))
 
 
 def write_report(rows: list[Row], out: Path, command: str, extra: dict) -> None:

@@ -183,42 +183,81 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(args: TrainArgs) -> Path:
-    """Train a Chimera draft; returns the run directory (which holds the final draft)."""
+def _check_args(args: TrainArgs) -> dict:
+    """Refuse bad options before anything loads; returns the draft-shape options."""
     if args.labels not in LABEL_SOURCES:
         raise ValueError(f"labels {args.labels!r}: use one of {', '.join(LABEL_SOURCES)}")
     if args.save_dtype not in (None, *SAVE_DTYPES):
         raise ValueError(f"save_dtype {args.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
     shape = draft_shape_options(args)
-    if args.init_draft:  # before anything loads
+    if args.init_draft:
         check_draft_shape(args.init_draft, shape)
+    return shape
+
+
+def _starting_draft(args: TrainArgs, target, shape: dict, device: str, verbose: bool) -> tuple[ChimeraDraft, int, list]:
+    """(draft, first step, history): the checkpoint's when resuming, else a fresh or continued draft
+    with its draft vocabulary."""
+    ckpt = Path(args.out) / "checkpoint"
+    if args.resume and (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        return (
+            ChimeraDraft.from_pretrained(ckpt / "draft", target.config, device=device),
+            state["step"],
+            state["history"],
+        )
+    if args.init_draft:
+        draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
+    else:
+        draft = init_draft(target, args.target, seed=args.seed, **shape)
+    vocab_size = target.config.vocab_size
+    if args.draft_vocab_size:
+        ids, coverage = frequent_response_tokens([args.data], vocab_size, args.draft_vocab_size)
+        draft.set_draft_vocab(ids)
+        if verbose:
+            print(f"draft vocabulary: {args.draft_vocab_size} tokens cover {coverage:.1%} of the responses")
+    elif draft.draft_vocab is not None and verbose:
+        coverage = response_coverage([args.data], vocab_size, draft.draft_vocab)
+        print(
+            f"draft vocabulary (--init-draft's): {len(draft.draft_vocab)} tokens cover {coverage:.1%} of the responses"
+        )
+    return draft, 0, []
+
+
+def _hidden_cache(args: TrainArgs, target, data: list, rank: int, world: int) -> HiddenCache | None:
+    """The target's hidden states of the data, computed once by rank 0 (None without --hidden-cache)."""
+    if not args.hidden_cache:
+        return None
+    key = cache_key(args.target, args.data, args.max_length, target.dtype)
+    cache = open_hidden_cache(target, data, args.hidden_cache, key, args.progress) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    return cache or HiddenCache(args.hidden_cache)
+
+
+def _save_final(args: TrainArgs, draft: ChimeraDraft, opt, history: list[dict], out: Path) -> None:
+    """The last checkpoint, the log and its plot, and the draft itself (in --save-dtype)."""
+    _save_checkpoint(draft, opt, args.steps, history, out)
+    with (out / TRAIN_LOG).open("w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    if history:
+        plot_history(history, out / "loss.png")
+    final = draft.eval()
+    if args.save_dtype is not None:
+        final = final.to(getattr(torch, args.save_dtype))  # after the checkpoint, which keeps training's
+    final.save_pretrained(out)
+
+
+def train(args: TrainArgs) -> Path:
+    """Train a Chimera draft; returns the run directory (which holds the final draft)."""
+    shape = _check_args(args)
     rank, world = _distributed()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     target = load_target(args.target, args.dtype, device)
     parts = TargetParts.from_model(target)
     data = read_sequences(args.data, target.config.vocab_size, args.max_length)
-
-    ckpt = out / "checkpoint"
-    if args.resume and (ckpt / "state.json").is_file():
-        draft = ChimeraDraft.from_pretrained(ckpt / "draft", target.config, device=device)
-        state = json.loads((ckpt / "state.json").read_text())
-        start, history = state["step"], state["history"]
-    else:
-        if args.init_draft:
-            draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
-        else:
-            draft = init_draft(target, args.target, seed=args.seed, **shape)
-        start, history = 0, []
-        if args.draft_vocab_size:
-            ids, coverage = frequent_response_tokens([args.data], target.config.vocab_size, args.draft_vocab_size)
-            draft.set_draft_vocab(ids)
-            if rank == 0:
-                print(f"draft vocabulary: {args.draft_vocab_size} tokens cover {coverage:.1%} of the responses")
-        elif draft.draft_vocab is not None and rank == 0:
-            coverage = response_coverage([args.data], target.config.vocab_size, draft.draft_vocab)
-            size = len(draft.draft_vocab)
-            print(f"draft vocabulary (--init-draft's): {size} tokens cover {coverage:.1%} of the responses")
+    draft, start, history = _starting_draft(args, target, shape, device, verbose=rank == 0)
     # float32 master weights; with a bf16/fp16 target the forward runs under autocast.
     draft = draft.to(device=device, dtype=torch.float32).train()
     autocast = torch.autocast(torch.device(device).type, dtype=target.dtype, enabled=target.dtype != torch.float32)
@@ -229,21 +268,12 @@ def train(args: TrainArgs) -> Path:
         objective = DistributedDataParallel(objective, find_unused_parameters=True)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if start:
-        _load_optimizer(opt, ckpt)
-
-    cache = None
-    if args.hidden_cache:
-        key = cache_key(args.target, args.data, args.max_length, target.dtype)
-        cache = open_hidden_cache(target, data, args.hidden_cache, key, args.progress) if rank == 0 else None
-        if world > 1:
-            dist.barrier()
-        cache = cache or HiddenCache(args.hidden_cache)
+        _load_optimizer(opt, out / "checkpoint")
+    cache = _hidden_cache(args, target, data, rank, world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
-    greedy = None
-    if args.labels == "target":
-        greedy = GreedyLabels(parts.lm_head_weight, [len(s.input_ids) for s in data])
+    greedy = GreedyLabels(parts.lm_head_weight, [len(s.input_ids) for s in data]) if args.labels == "target" else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or not args.progress)
     for step in bar:
         indices = batch_indices(len(data), args.batch_size, step, args.seed, rank, world)
@@ -269,17 +299,8 @@ def train(args: TrainArgs) -> Path:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1_0=f"{metrics.get('top1_0', 0):.2f}")
         if rank == 0 and done % args.save_every == 0 and done < args.steps:
             _save_checkpoint(draft, opt, done, history, out)
-
     if rank == 0:
-        _save_checkpoint(draft, opt, args.steps, history, out)
-        with (out / TRAIN_LOG).open("w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-        if history:
-            plot_history(history, out / "loss.png")
-        final = draft.eval()
-        if args.save_dtype is not None:
-            final = final.to(getattr(torch, args.save_dtype))  # after the checkpoint, which keeps training's
-        final.save_pretrained(out)
+        _save_final(args, draft, opt, history, out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
