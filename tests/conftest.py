@@ -13,8 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from chimera_vllm.model.base import DraftInputs  # noqa: E402
 from chimera_vllm.model.checkpoint import init_draft  # noqa: E402
-from chimera_vllm.model.draft import ChimeraDraft, DraftInputs  # noqa: E402
+from chimera_vllm.model.draft import ChimeraDraft  # noqa: E402
 from chimera_vllm.reference.target import load_target, load_tokenizer  # noqa: E402
 from chimera_vllm.testing.tiny import build_tiny_target, build_trained_pair  # noqa: E402
 
@@ -79,9 +80,8 @@ def hf_greedy(target, prompts: list[list[int]], max_new_tokens: int, eos: int) -
 def draft_after(draft, parts, ids, hidden, n: int, num_steps: int, choose):
     """The drafting loop as it starts once the target verified x_0..x_n of ids [1, T] and produced
     x_{n+1}: context h_0..h_n from hidden [1, T, H], anchor h_n. Returns (tokens, logits)."""
-    ctx_k = ctx_v = None
-    if draft.uses_context:
-        ctx_k, ctx_v = draft.encoder.context_kv(hidden[:, : n + 1], torch.arange(n + 1)[None])
+    context = draft.context_kv(hidden[:, : n + 1], torch.arange(n + 1)[None])
+    ctx_k, ctx_v = (None, None) if context is None else context
     t = ids[0].tolist()
     last3 = torch.tensor([[t[max(n - 1, 0)], t[n], t[n + 1]]])
     valid = torch.ones(1, n + 1, dtype=torch.bool)

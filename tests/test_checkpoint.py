@@ -11,8 +11,9 @@ from transformers import GPT2Config, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec, check_supported_target
+from chimera_vllm.model.base import ChimeraCheckpointError, TargetParts
 from chimera_vllm.model.checkpoint import convert_official, init_draft
-from chimera_vllm.model.draft import ChimeraCheckpointError, ChimeraDraft, TargetParts
+from chimera_vllm.model.draft import ChimeraDraft
 from chimera_vllm.reference.target import final_hidden
 from chimera_vllm.testing.tiny import tiny_target_config
 

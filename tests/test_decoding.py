@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from chimera_vllm.config import ChimeraConfigError
+from chimera_vllm.model.base import TargetParts
 from chimera_vllm.model.checkpoint import init_draft
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.model.draft import ChimeraDraft
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import load_target
 from chimera_vllm.testing.tiny import grammar_prompts

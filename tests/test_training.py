@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chimera_vllm.model.base import ChimeraCheckpointError, TargetParts
 from chimera_vllm.model.checkpoint import init_draft
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.model.draft import ChimeraDraft, shift_right, verified_context_mask
+from chimera_vllm.model.medusa import MedusaDraft
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import final_hidden, load_target
 from chimera_vllm.testing.tiny import grammar_prompts
@@ -28,10 +30,7 @@ from chimera_vllm.training.objective import (
     ChimeraObjective,
     GreedyLabels,
     LossWeights,
-    draft_steps,
     greedy_next_tokens,
-    shift_right,
-    verified_context_mask,
 )
 from chimera_vllm.training.trainer import TrainArgs, train
 
@@ -68,7 +67,7 @@ def test_training_forward_equals_teacher_forced_drafting(tiny_target_dir, trigra
     ids = torch.randint(5, target.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     hidden = final_hidden(target, ids)
     with torch.no_grad():
-        train_out = {k: (h_hat, anchor) for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, K)}
+        train_out = {k: (h_hat, anchor) for k, h_hat, anchor in draft.training_steps(parts, ids, hidden, K)}
     worst = 0.0
     for b in range(ids.shape[0]):  # the drafting loop is no_grad; so is this comparison
         for n in [0, 1, 2, 5, 9, 16 - K - 2]:  # drafting starts after the target verified x_0..x_{n+1}
@@ -216,9 +215,10 @@ def test_medusa_baseline_trains_and_decodes_losslessly(trained_pair, tmp_path):
             progress=False,
         )
     )
-    medusa = ChimeraDraft.from_pretrained(run, target.config)
-    assert medusa.trigram is None and medusa.encoder is None
+    medusa = MedusaDraft.from_pretrained(run, target.config)
     assert set(medusa.state_dict()) == {"heads.weight", "heads.bias"}
+    with pytest.raises(ChimeraCheckpointError, match="holds a 'medusa' draft .MedusaDraft., not a ChimeraDraft"):
+        ChimeraDraft.from_pretrained(run, target.config)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["ce_0"] < log[0]["ce_0"] and "mse_0" not in log[-1]
     prompts = grammar_prompts(tokenizer, 6, seed=77)
@@ -267,7 +267,7 @@ def test_draft_vocabulary_loss_is_cross_entropy_over_its_tokens(llama_target, ll
     hidden = final_hidden(llama_target, ids)
     labels = torch.ones(2, 12, dtype=torch.bool)
     loss, metrics = ChimeraObjective(draft, parts, LossWeights((1.0,), mse=0.0))(ids, hidden, labels)
-    ((_, h_hat, anchor),) = draft_steps(draft, parts, ids, hidden, 1)
+    ((_, h_hat, anchor),) = draft.training_steps(parts, ids, hidden, 1)
     expected = []
     for b in range(2):
         for p in range(1, 11):

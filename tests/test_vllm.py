@@ -18,7 +18,7 @@ from chimera_vllm import cli
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.evaluation.acceptance import draft_predictions, greedy_accepts
 from chimera_vllm.model.checkpoint import init_draft
-from chimera_vllm.model.draft import ChimeraDraft
+from chimera_vllm.model.medusa import MedusaDraft
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import load_target
 from chimera_vllm.testing.tiny import build_tiny_target, grammar_prompts, synthetic_corpus
@@ -360,7 +360,7 @@ def test_medusa_baseline_exported_to_vllm_drafts_like_the_reference_decoder(trai
         cli.main(["export-medusa", "--target", str(target_dir), "--draft", str(run), "--out", str(tmp_path / "vllm")])
         == 0
     )
-    medusa = ChimeraDraft.from_pretrained(run, target.config)
+    medusa = MedusaDraft.from_pretrained(run, target.config)
     prompts = grammar_prompts(tokenizer, 6, seed=5)
     ref_out, ref = SpeculativeDecoder(target, medusa, 3).generate(prompts, 24)
     assert ref.accepted_tokens > 0

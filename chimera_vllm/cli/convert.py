@@ -41,12 +41,13 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
 
 
 def cmd_export_medusa(args: argparse.Namespace) -> None:
+    from chimera_vllm.model.base import TargetParts
     from chimera_vllm.model.checkpoint import export_vllm_medusa
-    from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+    from chimera_vllm.model.medusa import MedusaDraft
     from chimera_vllm.reference.target import load_target
 
     target = load_target(args.target, args.dtype)
-    draft = ChimeraDraft.from_pretrained(args.draft, target.config)
+    draft = MedusaDraft.from_pretrained(args.draft, target.config)
     export_vllm_medusa(draft, TargetParts.from_model(target), args.out)
     print(f"wrote {args.out}: vLLM's Medusa format (speculative method medusa)")
     if draft.draft_vocab is not None:

@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def load_inputs(args: argparse.Namespace):
     """Tokenizer, encoded prompts, target and (when --draft is given) the draft checked against it."""
     from chimera_vllm.data.prompts import encode_prompts
-    from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.model.base import DraftModel
     from chimera_vllm.reference.target import load_target, load_tokenizer
 
     tokenizer = load_tokenizer(args.target)
@@ -124,7 +124,7 @@ def load_inputs(args: argparse.Namespace):
     target = load_target(args.target, args.dtype, args.device)
     draft = None
     if args.draft:
-        draft = ChimeraDraft.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
+        draft = DraftModel.from_pretrained(args.draft, target.config, dtype=target.dtype, device=args.device)
     return tokenizer, prompts, target, draft
 
 

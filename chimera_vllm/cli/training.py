@@ -156,10 +156,10 @@ def cmd_init_draft(args: argparse.Namespace) -> None:
 
 
 def cmd_draft_vocab(args: argparse.Namespace) -> None:
-    from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.model.base import DraftModel
     from chimera_vllm.training.data import frequent_response_tokens
 
-    draft = ChimeraDraft.from_pretrained(args.draft)
+    draft = DraftModel.from_pretrained(args.draft)
     ids, coverage = frequent_response_tokens(args.data, draft.config.vocab_size, args.size)
     draft.set_draft_vocab(ids)
     out = args.out or args.draft

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts
+from chimera_vllm.model.base import DraftModel, TargetParts
 from chimera_vllm.model.tree import DraftTree
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import final_hidden
-from chimera_vllm.training.objective import draft_steps
 
 RANKS = 16
 """Ranks of the target's token among each head's choices that are counted (for draft trees)."""
@@ -144,14 +143,14 @@ def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(
-    draft: ChimeraDraft, parts: TargetParts, ids: torch.Tensor, hidden: torch.Tensor, first_anchor: int, num_steps: int
+    draft: DraftModel, parts: TargetParts, ids: torch.Tensor, hidden: torch.Tensor, first_anchor: int, num_steps: int
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Teacher-forced (k, positions p, logits [len(p), draft vocabulary]) of every head over one
     sequence ids [1, T] with the target's hidden states: query p drafts x_{p+1} from anchor
     n = p-k-1, and the anchor must be a verified position of the continuation's decoding
     (n >= first_anchor, the last prompt position). Over the draft vocabulary, as drafting
     scores: a token outside it is never proposed."""
-    for k, h_hat, anchor in draft_steps(draft, parts, ids, hidden, num_steps):
+    for k, h_hat, anchor in draft.training_steps(parts, ids, hidden, num_steps):
         p = torch.arange(first_anchor + k + 1, ids.shape[1] - 1, device=ids.device)
         if len(p):
             features, rows = draft.draft_vocab_product(k, None if h_hat is None else h_hat[0, p], anchor[0, p], parts)
@@ -160,7 +159,7 @@ def head_logits(
 
 @torch.no_grad()
 def draft_predictions(
-    target: PreTrainedModel, draft: ChimeraDraft, tokens: list[int], prompt_len: int, num_steps: int
+    target: PreTrainedModel, draft: DraftModel, tokens: list[int], prompt_len: int, num_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(top1, probability) [num_steps, len(tokens)]: the target token head k drafts at query p (for
     x_{p+1}) and the draft's probability of it (softmax over its vocabulary), teacher-forced over
@@ -210,7 +209,7 @@ def confident_lengths(
 @torch.no_grad()
 def head_accuracy(
     target: PreTrainedModel,
-    draft: ChimeraDraft,
+    draft: DraftModel,
     sequences: list[tuple[list[int], list[int]]],
     num_steps: int,
     groups: list[str] | None = None,
@@ -268,7 +267,7 @@ def greedy_continuations(
 
 def evaluate(
     target: PreTrainedModel,
-    draft: ChimeraDraft,
+    draft: DraftModel,
     prompts: list[list[int]],
     num_steps: int,
     max_new_tokens: int,
@@ -314,7 +313,7 @@ def evaluate(
 
 def best_tree(
     target: PreTrainedModel,
-    draft: ChimeraDraft,
+    draft: DraftModel,
     prompts: list[list[int]],
     num_nodes: int,
     depth: int,

@@ -1,8 +1,8 @@
 """Making draft checkpoints: a fresh draft for a target, one imported from the authors' release,
 and the Medusa baseline exported to vLLM's own Medusa format.
 
-Saving and loading a draft directory is :meth:`ChimeraDraft.save_pretrained` /
-:meth:`ChimeraDraft.from_pretrained`; the config format is in config.py.
+Saving and loading a draft directory is :meth:`DraftModel.save_pretrained` /
+:meth:`DraftModel.from_pretrained` (model/base.py); the config format is in config.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec
-from chimera_vllm.model.draft import ChimeraCheckpointError, ChimeraDraft, TargetParts
+from chimera_vllm.model.base import ChimeraCheckpointError, DraftModel, TargetParts, draft_class
+from chimera_vllm.model.draft import ChimeraDraft
+from chimera_vllm.model.medusa import MedusaDraft
 
 OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
 
@@ -49,7 +51,7 @@ def init_draft(
     trigram_mlp: str = "resblock",
     head_type: str = "residual",
     intermediate_size: int | None = None,
-) -> ChimeraDraft:
+) -> DraftModel:
     """An untrained draft for `target`, its heads initialised from the target's LM head; the
     full-context encoder's MLP is `intermediate_size` wide (default: 4x the target's hidden size)."""
     config = ChimeraConfig(
@@ -63,7 +65,7 @@ def init_draft(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        draft = ChimeraDraft(config)
+        draft = draft_class(config)(config)
     draft.init_heads_from_target(TargetParts.from_model(target))
     return draft.to(device=target.device, dtype=target.dtype).eval()
 
@@ -80,7 +82,7 @@ def _load_official_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_official(target: PreTrainedModel, target_name_or_path: str, official_dir: str | Path) -> ChimeraDraft:
+def convert_official(target: PreTrainedModel, target_name_or_path: str, official_dir: str | Path) -> DraftModel:
     """Import kafkayu/Chimera's trimlp.pt, fast_layer1.pt and chimera_head.pt.
 
     Their modules: trimlp = Sequential(ResBlock(3H), Linear(3H->H, no bias));
@@ -131,7 +133,7 @@ def convert_official(target: PreTrainedModel, target_name_or_path: str, official
     return draft.to(device=target.device, dtype=target.dtype).eval()
 
 
-def export_vllm_medusa(draft: ChimeraDraft, parts: TargetParts, out: str | Path) -> None:
+def export_vllm_medusa(draft: MedusaDraft, parts: TargetParts, out: str | Path) -> None:
     """Write a Medusa-baseline draft in vLLM's own Medusa format (``method: medusa``).
 
     vLLM's Medusa head i is y = h + SiLU(W_i h + b_i) with logits LMHead(y): exactly the

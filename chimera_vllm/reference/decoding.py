@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from chimera_vllm.model.draft import ChimeraDraft, DraftInputs, TargetParts
+from chimera_vllm.model.base import DraftInputs, DraftModel, TargetParts
 from chimera_vllm.model.tree import DraftTree
 from chimera_vllm.reference.sampling import TokenSampler
 from chimera_vllm.reference.target import final_hidden
@@ -165,7 +165,7 @@ class SpeculativeDecoder:
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: ChimeraDraft | None = None,
+        draft: DraftModel | None = None,
         num_speculative_tokens: int | None = None,
         temperature: float = 0.0,
         seed: int = 0,
@@ -241,9 +241,8 @@ class SpeculativeDecoder:
         hidden = final_hidden(self.target, ids, mask.long(), positions, cache)
         anchor = hidden[:, -1]
         first = self.sampler.sample(self._lm_head(anchor))
-        ctx_k = ctx_v = None
-        if self.draft is not None and self.draft.uses_context:
-            ctx_k, ctx_v = self.draft.encoder.context_kv(hidden, positions)
+        context = None if self.draft is None else self.draft.context_kv(hidden, positions)
+        ctx_k, ctx_v = (None, None) if context is None else context
         state = _DeviceState(
             rows=list(range(len(lengths))),
             cache=cache,
@@ -272,7 +271,7 @@ class SpeculativeDecoder:
         kept = torch.arange(ids.shape[1], device=device)[None] <= accepted[:, None]
         state.valid = torch.cat([state.valid, kept], dim=1)
         if state.ctx_k is not None:
-            new_k, new_v = self.draft.encoder.context_kv(hidden, positions)
+            new_k, new_v = self.draft.context_kv(hidden, positions)
             state.ctx_k = torch.cat([state.ctx_k, new_k], dim=2)
             state.ctx_v = torch.cat([state.ctx_v, new_v], dim=2)
         state.anchor = hidden[torch.arange(B, device=device), accepted]

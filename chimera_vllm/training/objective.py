@@ -1,70 +1,20 @@
-"""The training forward and distillation loss of a Chimera draft.
+"""The distillation loss of a draft.
 
-Step k at query position p sees exactly what the drafting loop would after the
-target verified x_0..x_{n+1} with n = p-k-1: keys/values of the target's h_0..h_n,
-the encoder's own outputs of steps 0..k-1 at positions n+1..p-1, and itself;
-its head reads the anchor h_n. Every position of a sequence trains every step at
-once: step k is one pass of the (single) encoder layer over the sequence, with a
-causal mask over the h_j and, per query, the k earlier steps' outputs it reads (one
-each, aligned to the query). The K passes are sequential because step k attends to
-the outputs of the earlier steps.
+Every position of a sequence trains every draft step at once: the draft's teacher-forced pass
+(:meth:`~chimera_vllm.model.base.DraftModel.training_steps`) gives each step's features at every
+query position exactly as the drafting loop would compute them there, and each head learns the
+token that verification would accept after that position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts
-from chimera_vllm.model.layers import trigram_ids
-
-
-def verified_context_mask(T: int, step: int, device: torch.device | None = None) -> Tensor:
-    """[T, T] bool: the target's h_j that query p may see at draft step `step` (j <= p-step-1)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril(-(step + 1))
-
-
-def shift_right(x: Tensor, n: int = 1) -> Tensor:
-    """x[:, :, p] <- x[:, :, p-n] along the position axis (dim 2); zeros enter at the front."""
-    return F.pad(x, (0, 0) * (x.dim() - 3) + (n, 0))[:, :, : x.shape[2]]
-
-
-def shifted_anchor(hidden: Tensor, step: int) -> Tensor:
-    """anchor[:, p] = h_{p-step-1} (zeros where p <= step, which no loss reads)."""
-    return F.pad(hidden, (0, 0, step + 1, 0))[:, : hidden.shape[1]]
-
-
-def draft_steps(
-    draft: ChimeraDraft, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield (k, ĥ^(k) [B, T, H] or None for Medusa, anchor^(k) [B, T, H]) for every draft step, teacher-forced.
-
-    input_ids [B, T] and the target's final hidden states hidden [B, T, H].
-    Positions p <= k have no anchor; their outputs are meaningless and must not be trained.
-    """
-    if not draft.uses_context:  # the Medusa baseline: heads over the anchor alone
-        for k in range(num_steps):
-            yield k, None, shifted_anchor(hidden, k)
-        return
-    B, T = input_ids.shape
-    positions = torch.arange(T, device=input_ids.device).expand(B, T)
-    e = draft.trigram(trigram_ids(input_ids), parts.embed_weight)
-    keys, values = draft.encoder.context_kv(hidden, positions)
-    # own_k[:, :, p, j] is the key of step j's output at position p-k+j: the one entry of
-    # that step query p sees at step k; every step shifts them one position further.
-    own_k = own_v = None
-    for k in range(num_steps):
-        mask = verified_context_mask(T, k, input_ids.device)[None]
-        h_hat = draft.encoder(e, positions, keys, values, mask, own_k, own_v)
-        yield k, h_hat, shifted_anchor(hidden, k)
-        if k + 1 < num_steps:
-            new_k, new_v = (x[:, :, :, None] for x in draft.encoder.context_kv(h_hat, positions))
-            own_k = shift_right(new_k if own_k is None else torch.cat([own_k, new_k], dim=3))
-            own_v = shift_right(new_v if own_v is None else torch.cat([own_v, new_v], dim=3))
+from chimera_vllm.model.base import DraftModel, TargetParts
 
 
 @dataclass
@@ -122,7 +72,7 @@ class GreedyLabels:
 class ChimeraObjective(nn.Module):
     """Wraps the draft so that one forward() computes the loss (what DDP needs to wrap)."""
 
-    def __init__(self, draft: ChimeraDraft, parts: TargetParts, weights: LossWeights, max_positions: int | None = None):
+    def __init__(self, draft: DraftModel, parts: TargetParts, weights: LossWeights, max_positions: int | None = None):
         super().__init__()
         self.draft = draft
         self.parts = parts
@@ -163,7 +113,9 @@ class ChimeraObjective(nn.Module):
         labels, teacher_rows = self._draft_vocab_labels(input_ids[:, 1:] if next_tokens is None else next_tokens)
         total = hidden.new_zeros(())
         metrics: dict[str, float] = {}
-        for k, h_hat, anchor in draft_steps(self.draft, self.parts, input_ids, hidden, len(self.weights.step_weights)):
+        for k, h_hat, anchor in self.draft.training_steps(
+            self.parts, input_ids, hidden, len(self.weights.step_weights)
+        ):
             # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label the draft can propose.
             sel = label_mask[:, 1:] & (labels >= 0)
             sel[:, : k + 1] = False

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from chimera_vllm.model.base import DraftModel, TargetParts
 from chimera_vllm.model.checkpoint import check_draft_shape, draft_shape_options, init_draft
-from chimera_vllm.model.draft import ChimeraDraft, TargetParts
 from chimera_vllm.reference.target import final_hidden, load_target
 from chimera_vllm.training.data import (
     batch_indices,
@@ -108,7 +108,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_checkpoint(draft: ChimeraDraft, opt, step: int, history: list[dict], out: Path) -> None:
+def _save_checkpoint(draft: DraftModel, opt, step: int, history: list[dict], out: Path) -> None:
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     draft.save_pretrained(tmp / "draft")
@@ -195,19 +195,19 @@ def _check_args(args: TrainArgs) -> dict:
     return shape
 
 
-def _starting_draft(args: TrainArgs, target, shape: dict, device: str, verbose: bool) -> tuple[ChimeraDraft, int, list]:
+def _starting_draft(args: TrainArgs, target, shape: dict, device: str, verbose: bool) -> tuple[DraftModel, int, list]:
     """(draft, first step, history): the checkpoint's when resuming, else a fresh or continued draft
     with its draft vocabulary."""
     ckpt = Path(args.out) / "checkpoint"
     if args.resume and (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
         return (
-            ChimeraDraft.from_pretrained(ckpt / "draft", target.config, device=device),
+            DraftModel.from_pretrained(ckpt / "draft", target.config, device=device),
             state["step"],
             state["history"],
         )
     if args.init_draft:
-        draft = ChimeraDraft.from_pretrained(args.init_draft, target.config, device=device)
+        draft = DraftModel.from_pretrained(args.init_draft, target.config, device=device)
     else:
         draft = init_draft(target, args.target, seed=args.seed, **shape)
     vocab_size = target.config.vocab_size
@@ -235,7 +235,7 @@ def _hidden_cache(args: TrainArgs, target, data: list, rank: int, world: int) ->
     return cache or HiddenCache(args.hidden_cache)
 
 
-def _save_final(args: TrainArgs, draft: ChimeraDraft, opt, history: list[dict], out: Path) -> None:
+def _save_final(args: TrainArgs, draft: DraftModel, opt, history: list[dict], out: Path) -> None:
     """The last checkpoint, the log and its plot, and the draft itself (in --save-dtype)."""
     _save_checkpoint(draft, opt, args.steps, history, out)
     with (out / TRAIN_LOG).open("w") as f:
