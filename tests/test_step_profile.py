@@ -24,12 +24,12 @@ def _chimera_step(t0: float, cpu: bool = False) -> list[dict]:
         (f"{RUNNER}(3437): _sample", 100, 110),
         (f"{RUNNER}(4362): propose_draft_token_ids", 110, 145),
         (f"{RUNNER}(4748): propose_draft_token_ids", 111, 144),  # nested twin: counted once
-        ("/x/chimera_vllm/vllm_proposer.py(156): _write_context", 112, 115),
+        ("/x/chimera_vllm/vllm/proposer.py(156): _write_context", 112, 115),
         ("nn.Module: ChimeraDraftForVLLM_0", 115, 130),
-        ("/x/chimera_vllm/vllm_cpu_gemm.py(44): trigram" if cpu else "nn.Module: TrigramEncoder_0", 116, 120),
+        ("/x/chimera_vllm/vllm/cpu_gemm.py(44): trigram" if cpu else "nn.Module: TrigramEncoder_0", 116, 120),
         ("nn.Module: ChimeraEncoderLayer_0", 120, 127),
-        ("/x/chimera_vllm/vllm_cpu_gemm.py(50): residual_head" if cpu else "nn.Module: ResidualHeads_0", 127, 129),
-        ("/x/chimera_vllm/vllm_model.py(190): greedy_tokens", 130, 135),
+        ("/x/chimera_vllm/vllm/cpu_gemm.py(50): residual_head" if cpu else "nn.Module: ResidualHeads_0", 127, 129),
+        ("/x/chimera_vllm/vllm/model.py(190): greedy_tokens", 130, 135),
         ("_C::onednn_mm", 20, 30),
         ("aten::addmm", 31, 33),  # onednn_mm's twin, as a plain torch op
         ("aten::add", 33, 34),  # not a component

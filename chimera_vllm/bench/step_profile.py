@@ -41,13 +41,13 @@ COMPONENTS: tuple[tuple[str, int, str], ...] = (
     ("rejection sampling", 2, r"rejection_sampler\.py\(\d+\): rejection_sample$"),
     ("recovered tokens", 3, r"(rejection_sampler|recovered_tokens)\.py\(\d+\): sample_recovered_tokens$"),
     ("draft proposal", 1, r"gpu_model_runner\.py\(\d+\): propose_draft_token_ids$"),
-    ("write context (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _write_context$"),
-    ("prompt lookup (Chimera)", 2, r"vllm_proposer\.py\(\d+\): _lookup$"),
+    ("write context (Chimera)", 2, r"chimera_vllm/vllm/proposer\.py\(\d+\): _write_context$"),
+    ("prompt lookup (Chimera)", 2, r"chimera_vllm/vllm/proposer\.py\(\d+\): _lookup$"),
     ("draft model forward", 2, r"^nn\.Module: ChimeraDraftForVLLM_0$"),
-    ("trigram encoder", 3, r"^nn\.Module: TrigramEncoder_0$|vllm_cpu_gemm\.py\(\d+\): trigram$"),
+    ("trigram encoder", 3, r"^nn\.Module: TrigramEncoder_0$|chimera_vllm/vllm/cpu_gemm\.py\(\d+\): trigram$"),
     ("encoder layer", 3, r"^nn\.Module: ChimeraEncoderLayer_0$"),
-    ("residual heads", 3, r"^nn\.Module: ResidualHeads_0$|vllm_cpu_gemm\.py\(\d+\): residual_head$"),
-    ("draft LM head + arg-max", 2, r"vllm_model\.py\(\d+\): greedy_tokens$"),
+    ("residual heads", 3, r"^nn\.Module: ResidualHeads_0$|chimera_vllm/vllm/cpu_gemm\.py\(\d+\): residual_head$"),
+    ("draft LM head + arg-max", 2, r"chimera_vllm/vllm/model\.py\(\d+\): greedy_tokens$"),
 )
 
 
