@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,13 +28,14 @@ def logs_to_stderr() -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-def vllm_log_to_file(path: Path) -> None:
-    """Send vLLM's log (this process's and the engine processes' it starts) to path, appended to,
-    through vLLM's own logging config (VLLM_LOGGING_CONFIG_PATH, read when vLLM is first imported).
-
-    The config file is written beside the log; a config the user set already is left alone.
-    """
-    if "VLLM_LOGGING_CONFIG_PATH" in os.environ:
+@contextlib.contextmanager
+def vllm_log_to_file(path: Path | None) -> Iterator[None]:
+    """While inside, vLLM's log goes to path (appended to): the engine processes started meanwhile
+    read vLLM's logging config (VLLM_LOGGING_CONFIG_PATH, a file written beside the log), and so
+    does this process if it imports vLLM for the first time. None, or a config the user set
+    already, leaves vLLM's logging alone."""
+    if path is None or "VLLM_LOGGING_CONFIG_PATH" in os.environ:
+        yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {
@@ -47,3 +50,7 @@ def vllm_log_to_file(path: Path) -> None:
     config_path = path.with_suffix(".logging.json")
     config_path.write_text(json.dumps(config))
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path.resolve())
+    try:
+        yield
+    finally:
+        del os.environ["VLLM_LOGGING_CONFIG_PATH"]

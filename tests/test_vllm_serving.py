@@ -220,7 +220,7 @@ def test_bench_reports_speedups_against_no_speculation(pair, tmp_path, capsys):
 def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys, monkeypatch):
     """The main job's code path (chimera-vllm demo), on the tiny pair instead of SmolLM2; vLLM's
     log goes to the run folder."""
-    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)  # as from a shell
     target_dir, draft_dir, _, tokenizer = pair
     prompts = prompts_file(tmp_path, tokenizer, 6, seed=29)
     out = tmp_path / "demo" / "report"
@@ -240,6 +240,7 @@ def test_demo_prints_the_table_and_writes_the_report(pair, tmp_path, capsys, mon
     ]
     assert line.endswith("yes") and f"chart: {out}.png" in printed and out.with_suffix(".png").stat().st_size > 0
     assert f"vLLM's log: {out}.log" in printed and "INFO" in out.with_suffix(".log").read_text()
+    assert "VLLM_LOGGING_CONFIG_PATH" not in os.environ  # only the demo's engines logged there
 
 
 def test_lookup_tokens_choose_the_method():

@@ -56,29 +56,28 @@ def run_demo(args: argparse.Namespace, command: str) -> None:
     """Both engines on the same prompts, then the summary; vLLM's log goes to OUT.log unless
     --show-vllm-log, so that the console shows the progress bars and the result."""
     out = Path(args.out)
-    if not args.show_vllm_log:
-        vllm_log_to_file(out.with_suffix(".log"))
+    log = None if args.show_vllm_log else out.with_suffix(".log")
     draft = resolve_draft(args.draft)
     tokenizer = load_tokenizer(args.target)
     prompts = spread(encode_prompts(args.prompts, tokenizer), args.num_prompts)
     methods = [Method("none"), Method.chimera(args.num_speculative_tokens, args.lookup_tokens)]
     print(f"{args.target}, {len(prompts)} MT-bench turn-1 prompts, {args.max_new_tokens} new tokens, greedy,")
     print(f"{args.dtype}, batch {args.batch_size}; draft {draft}")
-    rows = run(
-        args.target,
-        {"chimera": draft},
-        prompts,
-        methods,
-        [args.batch_size],
-        [args.dtype],
-        [0.0],
-        args.max_new_tokens,
-        eos_token_ids(tokenizer, generation_config(args.target)),
-        progress=True,
-    )
+    eos = eos_token_ids(tokenizer, generation_config(args.target))
+    with vllm_log_to_file(log):
+        rows = run(
+            args.target,
+            {"chimera": draft},
+            prompts,
+            methods,
+            [args.batch_size],
+            [args.dtype],
+            [0.0],
+            args.max_new_tokens,
+            eos,
+            progress=True,
+        )
     extra = {k: v for k, v in vars(args).items() if k != "func"}
     write_report(rows, out, command, extra)
     print("\n" + summary(rows))
-    print(
-        f"\nreport: {out}.md, {out}.json; chart: {out}.png" + ("" if args.show_vllm_log else f"; vLLM's log: {out}.log")
-    )
+    print(f"\nreport: {out}.md, {out}.json; chart: {out}.png" + ("" if log is None else f"; vLLM's log: {log}"))

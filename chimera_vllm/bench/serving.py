@@ -10,7 +10,7 @@ arrivals, no limit in flight). Every load is bounded: at most ``num_prompts`` re
 ``rounds`` > 1 every server runs once a round, methods alternating, each ratio against its own
 round's no speculation, and the report gives each method and load its medians: on a machine whose
 speed drifts between servers minutes apart, one round can put a method anywhere in a wide range.
-Used by ``chimera-vllm bench-serving`` and ``benchmarks/serving.py``.
+Used by ``chimera-vllm bench-serving``.
 """
 
 from __future__ import annotations

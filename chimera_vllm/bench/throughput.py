@@ -7,7 +7,7 @@ ratio to the no-speculation engine of the same dtype, batch size and temperature
 round: with ``rounds`` > 1 every engine runs once a round, methods alternating, and
 the report gives each setting's median and the range of its per-round speedups, since
 a small machine's speed drifts more between engines minutes apart than within a round).
-Used by ``chimera-vllm bench``, ``benchmarks/throughput.py`` and the demo.
+Used by ``chimera-vllm bench`` and the demo.
 """
 
 from __future__ import annotations

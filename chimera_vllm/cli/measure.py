@@ -205,21 +205,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     methods = parse_methods(args.methods)
     prompts, eos = _encoded_prompts(args, args.num_prompts)
-    rows = run(
-        args.target,
-        {"chimera": args.draft, "medusa": args.medusa},
-        prompts,
-        methods,
-        args.batch_sizes,
-        args.dtypes,
-        args.temperatures,
-        args.max_new_tokens,
-        eos,
-        tune_schedule=args.tune_schedule,
-        rounds=args.rounds,
-        max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
-    )
+    with options.vllm_log_beside_report(args):
+        rows = run(
+            args.target,
+            {"chimera": args.draft, "medusa": args.medusa},
+            prompts,
+            methods,
+            args.batch_sizes,
+            args.dtypes,
+            args.temperatures,
+            args.max_new_tokens,
+            eos,
+            tune_schedule=args.tune_schedule,
+            rounds=args.rounds,
+            max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
+        )
     _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
 
 
@@ -228,25 +229,26 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     from chimera_vllm.bench.serving import Load, markdown_table, run, server_args, write_report
 
     loads = [Load(concurrency=c) for c in args.concurrency] + [Load(request_rate=r) for r in args.request_rates]
-    rows = run(
-        args.target,
-        {"chimera": args.draft, "medusa": args.medusa},
-        parse_methods(args.methods),
-        loads,
-        args.prompts,
-        args.num_prompts,
-        args.max_new_tokens,
-        server_args(args.dtype, args.max_model_len, args.vllm_args),
-        args.temperature,
-        args.timeout,
-        rounds=args.rounds,
-    )
+    with options.vllm_log_beside_report(args):
+        rows = run(
+            args.target,
+            {"chimera": args.draft, "medusa": args.medusa},
+            parse_methods(args.methods),
+            loads,
+            args.prompts,
+            args.num_prompts,
+            args.max_new_tokens,
+            server_args(args.dtype, args.max_model_len, args.vllm_args),
+            args.temperature,
+            args.timeout,
+            rounds=args.rounds,
+        )
     _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
 
 
 def cmd_profile_step(args: argparse.Namespace) -> None:
     from chimera_vllm.bench.methods import parse_methods
-    from chimera_vllm.bench.step_profile import markdown_table, profile_engine, write_report
+    from chimera_vllm.bench.step_profile import markdown_table, write_report
 
     out = Path(args.out)
     methods = dict(zip(args.methods, parse_methods(args.methods)))
@@ -255,7 +257,19 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
         if trace_dir.exists():
             raise ValueError(f"{trace_dir} exists: profile-step writes each trace to a new folder; give another --out")
     prompts, eos = _encoded_prompts(args, args.num_prompts or args.batch_size)
-    profiles = {
+    with options.vllm_log_beside_report(args):
+        profiles = _profiles(args, methods, traces, prompts, eos)
+    print(markdown_table(profiles))
+    extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
+    extra |= {"temperature": args.temperature, "batch_size": args.batch_size, "num_prompts": len(prompts)}
+    write_report(profiles, out, _command(), extra)
+    print(f"written to {out}.json and .md; traces (chrome://tracing, Perfetto) under {out}-traces/")
+
+
+def _profiles(args: argparse.Namespace, methods: dict, traces: dict, prompts: list, eos: set) -> dict:
+    from chimera_vllm.bench.step_profile import profile_engine
+
+    return {
         text: profile_engine(
             args.target,
             method,
@@ -272,11 +286,6 @@ def cmd_profile_step(args: argparse.Namespace) -> None:
         )
         for text, method in methods.items()
     }
-    print(markdown_table(profiles))
-    extra = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "dtype": args.dtype}
-    extra |= {"temperature": args.temperature, "batch_size": args.batch_size, "num_prompts": len(prompts)}
-    write_report(profiles, out, _command(), extra)
-    print(f"written to {out}.json and .md; traces (chrome://tracing, Perfetto) under {out}-traces/")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -155,9 +155,20 @@ def rounds(help: str) -> argparse.ArgumentParser:
 
 
 def report_out(required: bool = False, what: str = "OUT.json, OUT.md and OUT.png") -> argparse.ArgumentParser:
+    """--out, and where vLLM's log goes: OUT.log beside the report unless --show-vllm-log."""
     p = _parent()
-    p.add_argument("--out", required=required, help=f"write {what}")
+    p.add_argument("--out", required=required, help=f"write {what}, and vLLM's log to OUT.log")
+    p.add_argument("--show-vllm-log", action="store_true", help="vLLM's log on the console, not in OUT.log")
     return p
+
+
+def vllm_log_beside_report(args: argparse.Namespace):
+    """A context: with --out and without --show-vllm-log, vLLM's log goes to OUT.log meanwhile."""
+    from pathlib import Path
+
+    from chimera_vllm.environment import vllm_log_to_file
+
+    return vllm_log_to_file(Path(args.out).with_suffix(".log") if args.out and not args.show_vllm_log else None)
 
 
 def dataclass_args(cls: type, args: argparse.Namespace) -> Any:
