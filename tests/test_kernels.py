@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from chimera_vllm.kernels._triton import HAVE_TRITON
 from chimera_vllm.kernels.greedy_head import greedy_head_reference, greedy_head_triton
 from chimera_vllm.kernels.residual_head import residual_head_reference, residual_head_triton
@@ -94,6 +93,7 @@ def test_draft_model_runs_the_kernels_where_triton_is_used(trained_pair, monkeyp
     """The draft's forward routes through the kernels: forcing the Triton path (interpreted on CPU)
     drafts the same tokens and keeps decoding lossless."""
     from chimera_vllm.kernels import greedy_head, residual_head, trigram
+
     from chimera_vllm.reference.decoding import SpeculativeDecoder
     from chimera_vllm.testing.tiny import grammar_prompts
 
