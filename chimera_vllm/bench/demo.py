@@ -1,7 +1,7 @@
 """The README's first command: SmolLM2-135M-Instruct in vLLM on MT-bench turn 1, with and without Chimera.
 
-vLLM offline batch inference, greedy, over first-turn MT-bench questions (24 of the 80,
-spread over the categories, so that a second run takes under 5 minutes on a 2-core CPU):
+vLLM offline batch inference, greedy, over first-turn MT-bench questions (24 of the 80 by
+default, spread over the categories, so that every kind of request is in a short run):
 one engine without speculation and one with the Chimera draft shipped in
 chimera_vllm/drafts, prompt lookup beside it (docs/vllm-integration.md). Prints output
 tokens/s, per-token latency, mean accepted length, speedup and whether the outputs are

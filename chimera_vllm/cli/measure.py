@@ -58,10 +58,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the shipped draft in vLLM on MT-bench turn 1, against no speculation (what `make demo` runs)",
-        parents=[options.prompts(), options.max_new_tokens(), options.batch_size(4)],
+        parents=[
+            options.target(default=TARGET),
+            options.draft(default=DRAFT),
+            options.prompts(),
+            options.max_new_tokens(),
+            options.batch_size(4),
+            options.dtype("float32", ": outputs reproducible token for token"),
+        ],
     )
-    p.add_argument("--target", default=TARGET)
-    p.add_argument("--draft", default=DRAFT, help="a draft directory or a shipped draft's name")
     p.add_argument(
         "--num-prompts",
         type=int,
@@ -82,7 +87,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="prompt lookup beside the draft: where the text so far matches, up to this many tokens of what "
         "followed the match (0: off)",
     )
-    p.add_argument("--dtype", default="float32", help="float32: outputs reproducible token for token")
     p.add_argument("--out", default="runs/demo/mt-bench", help="report prefix: OUT.md, OUT.json, OUT.png, OUT.log")
     p.add_argument("--show-vllm-log", action="store_true", help="vLLM's log on the console, not in OUT.log")
     p.set_defaults(func=cmd_demo)

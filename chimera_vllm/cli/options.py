@@ -18,23 +18,26 @@ def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
 
-def target(required: bool = True) -> argparse.ArgumentParser:
+def target(required: bool = True, default: str | None = None) -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--target", required=required, help="target model: a directory or an offline hub name")
+    text = "target model: a directory or an offline hub name" + (f" (default: {default})" if default else "")
+    p.add_argument("--target", required=required and default is None, default=default, help=text)
     return p
 
 
 def draft(
-    required: bool = False, help: str = "Chimera draft: a directory or a shipped draft's name"
+    required: bool = False,
+    help: str = "Chimera draft: a directory or a shipped draft's name",
+    default: str | None = None,
 ) -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--draft", required=required, help=help)
+    p.add_argument("--draft", required=required, default=default, help=help)
     return p
 
 
-def dtype(default: str) -> argparse.ArgumentParser:
+def dtype(default: str, why: str = "") -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--dtype", default=default, help=f"(default: {default})")
+    p.add_argument("--dtype", default=default, help=f"(default: {default}{why})")
     return p
 
 
@@ -140,9 +143,10 @@ ENGINE_METHODS_HELP = (
 
 def engine_methods(default: list[str], extra_help: str = "") -> argparse.ArgumentParser:
     """The target, the drafts and the methods a benchmark runs one engine each."""
-    p = _parent()
-    p.add_argument("--target", required=True, help="target model: a directory or an offline hub name")
-    p.add_argument("--draft", help="Chimera draft (for chimera methods): a directory or a shipped draft's name")
+    p = argparse.ArgumentParser(
+        add_help=False,
+        parents=[target(), draft(help="Chimera draft (for chimera methods): a directory or a shipped draft's name")],
+    )
     p.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (for medusa:K methods)")
     p.add_argument("--methods", nargs="+", default=default, help=ENGINE_METHODS_HELP + extra_help)
     return p

@@ -41,7 +41,15 @@ def _add_make_prompts(sub: argparse._SubParsersAction) -> None:
     mp = sub.add_parser(
         "make-prompts",
         help="chat prompts written by the target itself (Magpie), for make-data",
-        parents=[options.target(), options.max_new_tokens(), options.temperature(1.0), options.seed()],
+        parents=[
+            options.target(),
+            options.max_new_tokens(),
+            options.temperature(1.0),
+            options.seed(),
+            options.batch_size(256),
+            options.dtype("bfloat16"),
+            options.device(),
+        ],
     )
     mp.add_argument("--out", required=True, help='prompt JSONL to write ({"turns": [text]} lines; a rerun resumes)')
     mp.add_argument("--count", type=int, required=True, help="samples to draw (repeats, unfinished ones dropped)")
@@ -51,7 +59,7 @@ def _add_make_prompts(sub: argparse._SubParsersAction) -> None:
         help="a file of openers, one a line (e.g. chimera_vllm/data/prompt_openers.txt): sample i starts with "
         "opener i mod n, steering the kinds of request the target writes",
     )
-    _add_data_engine(mp, batch_size=256)
+    _add_data_engine(mp)
     mp.set_defaults(func=cmd_make_prompts)
 
 
@@ -59,35 +67,45 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "make-data",
         help="self-distillation data: the target's answers to chat prompts",
-        parents=[options.target(), options.max_new_tokens(256), options.temperature(), options.seed()],
+        parents=[
+            options.target(),
+            options.max_new_tokens(256),
+            options.temperature(),
+            options.seed(),
+            options.batch_size(32),
+            options.dtype("bfloat16"),
+            options.device(),
+        ],
     )
     m.add_argument("--prompts", required=True, nargs="+", help="prompt files (chimera_vllm/data/prompts.py)")
     m.add_argument("--out", required=True, help="token-id JSONL to write (appended to: a rerun resumes)")
     m.add_argument("--limit", type=int, default=None, help="use this many prompts (a seeded sample)")
     m.add_argument("--max-prompt-tokens", type=int, default=None, help="skip prompts longer than this (chat-rendered)")
-    _add_data_engine(m, batch_size=32)
+    _add_data_engine(m)
     m.set_defaults(func=cmd_make_data)
 
 
-def _add_data_engine(parser: argparse.ArgumentParser, batch_size: int) -> None:
+def _add_data_engine(parser: argparse.ArgumentParser) -> None:
     """The engine that writes prompts or answers: the reference decoder (hf) or vLLM."""
     parser.add_argument("--engine", choices=["vllm", "hf"], default="hf")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cpu", help="(hf engine) e.g. cuda")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
         help="train a Chimera draft by distillation (runs under torchrun too)",
-        parents=[options.target(), options.draft_shape(), options.seed(), options.dtype("float32")],
+        parents=[
+            options.target(),
+            options.draft_shape(),
+            options.seed(),
+            options.dtype("float32"),
+            options.batch_size(8),
+        ],
     )
     t.add_argument("--data", required=True, help='token-id JSONL: {"input_ids": [...], "prompt_length": n} per line')
     t.add_argument("--out", required=True)
     t.add_argument("--init-draft", help="start from this draft (a path or a shipped draft's name), not a fresh one")
     t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup-steps", type=int, default=20)
     t.add_argument("--max-length", type=int, default=512)
