@@ -31,6 +31,35 @@ def test_a_requests_own_generator_makes_its_noise_reproducible():
         return inverse_exponential_noise([1, 1], 1000, {1: torch.Generator().manual_seed(seed)})[1]
 
     assert torch.equal(noise(7), noise(7)) and not torch.equal(noise(7), noise(8))
+    vllms = torch.empty(1000).exponential_(generator=torch.Generator().manual_seed(7)).reciprocal()
+    assert torch.equal(noise(7), vllms)  # vLLM's own draw for a seeded request
+
+
+def test_seeded_requests_recover_the_tokens_stock_vllm_gives_them(cpu_kernels):
+    """Three seeded requests with 1-3 drafts, n-gram style (no draft probabilities): the recovered
+    tokens are those of vLLM's own sample_recovered_tokens, seed for seed."""
+    from vllm.v1.sample import rejection_sampler
+
+    stock = getattr(rejection_sampler.sample_recovered_tokens, "__wrapped__", rejection_sampler.sample_recovered_tokens)
+    g = torch.Generator().manual_seed(1)
+    counts = [1, 3, 2]
+    target_probs = torch.softmax(torch.randn(sum(counts), 500, generator=g), dim=-1)
+    drafts = torch.randint(0, 500, (sum(counts),), generator=g, dtype=torch.int32)
+
+    def recovered(sample) -> torch.Tensor:
+        generators = {i: torch.Generator().manual_seed(100 + i) for i in range(3)}
+        return sample(
+            max_spec_len=3,
+            num_draft_tokens=counts,
+            cu_num_draft_tokens=torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            draft_token_ids=drafts,
+            draft_probs=None,
+            target_probs=target_probs,
+            sampling_metadata=SimpleNamespace(generators=generators),
+            device=torch.device("cpu"),
+        )
+
+    assert torch.equal(recovered(sample_recovered_tokens), recovered(stock))
 
 
 @pytest.fixture
@@ -198,6 +227,28 @@ def test_only_a_plain_greedy_step_is_verified_by_argmax():
     metadata = greedy_metadata(2)
     metadata.logitsprocs.non_argmax_invariant.append(SimpleNamespace())  # a processor of the user's own
     assert not plain_greedy(sampler, metadata)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        dict(bonus_logits_indices=torch.zeros(0, dtype=torch.int32)),  # vLLM's tests: bonus tokens from the sampler
+        dict(target_logits_indices=torch.zeros(0, dtype=torch.int32)),
+        dict(bonus_logits_indices=torch.tensor([1, 99], dtype=torch.int32)),  # past the logits' last row
+    ],
+)
+def test_a_step_whose_rows_the_argmax_path_cannot_read_takes_vllms_path(broken):
+    """Where the metadata does not give one bonus row per request and one target row per draft
+    token inside the logits, vLLM's own path runs (its sampler, its checks), never the kernel."""
+    from dataclasses import replace
+
+    metadata = replace(spec_metadata([1, 1], [3, 4]), **broken)
+    calls = []
+    forward = greedy_by_argmax(lambda *args: calls.append(args) or "vLLM's path")
+    assert forward(SimpleNamespace(synthetic_mode=False), metadata, None, torch.zeros(4, 10), greedy_metadata(2)) == (
+        "vLLM's path"
+    )
+    assert len(calls) == 1
 
 
 def test_the_argmax_verification_is_installed_only_over_the_greedy_kernel_it_calls():

@@ -68,13 +68,28 @@ def greedy_kernel_fits(rejection_sampler_module) -> bool:
     return kernel is not None and tuple(inspect.signature(kernel).parameters) == GREEDY_KERNEL_PARAMETERS
 
 
+def rows_in_place(metadata, logits: torch.Tensor) -> bool:
+    """Whether the step's metadata gives what the arg-max path reads without a sampler: one bonus
+    row per request and one target row per draft token, each a row of logits. vLLM's own path
+    takes the bonus tokens from its sampler instead; where these do not hold, that path runs (and
+    raises on bad input) rather than a C++ kernel reading past a tensor's end."""
+    num_drafts = sum(metadata.num_draft_tokens)
+    rows = logits.shape[0]
+    indices = (metadata.bonus_logits_indices, metadata.target_logits_indices)
+    return (
+        metadata.bonus_logits_indices.numel() == len(metadata.num_draft_tokens)
+        and metadata.target_logits_indices.numel() == num_drafts == metadata.draft_token_ids.numel()
+        and all(i.numel() == 0 or (int(i.min()) >= 0 and int(i.max()) < rows) for i in indices)
+    )
+
+
 def greedy_by_argmax(original):
     """The rejection sampler's ``forward``, verifying a plain greedy step (``plain_greedy``) from one
     arg-max over the logits instead of float32 copies of them."""
 
     @functools.wraps(original)
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
-        if not plain_greedy(self, sampling_metadata):
+        if not (plain_greedy(self, sampling_metadata) and rows_in_place(metadata, logits)):
             return original(self, metadata, draft_probs, logits, sampling_metadata)
         from vllm.v1.outputs import SamplerOutput
         from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, _rejection_greedy_sample

@@ -31,16 +31,21 @@ def inverse_exponential_noise(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """[batch, vocab] 1 / q with q ~ Exponential(1) for the requests that have draft tokens
-    (a request's own generator when it has one), 0 for the rest, which nothing reads."""
+    """[batch, vocab] 1 / q with q ~ Exponential(1) for the requests that have draft tokens, 0 for
+    the rest, which nothing reads. A request with its own generator (its own seed) gets vLLM's very
+    draw, ``exponential_`` on that generator, so it samples the tokens stock vLLM gives it; the
+    others get the same distribution as -log U from the global generator, cheaper on a CPU (vLLM
+    draws theirs from the global generator too, so no seed ties them to a stream)."""
     inv_q = torch.zeros(len(num_draft_tokens), vocab_size, dtype=dtype, device=device)
     unseeded = [i for i, n in enumerate(num_draft_tokens) if n > 0 and i not in generators]
     if unseeded:
         inv_q[unseeded] = torch.empty(len(unseeded), vocab_size, dtype=dtype, device=device).uniform_()
-    for i, generator in generators.items():
+    inv_q.log_().reciprocal_().neg_()  # 1 / (-log U); U = 0 gives 0 (q = inf), never drawn
+    for i, generator in generators.items():  # vLLM's own draw, so a seeded request keeps vLLM's stream
         if num_draft_tokens[i] > 0:
-            inv_q[i].uniform_(generator=generator)
-    return inv_q.log_().reciprocal_().neg_()  # 1 / (-log U); U = 0 gives 0 (q = inf), never drawn
+            q = torch.empty(vocab_size, dtype=dtype, device=device).exponential_(generator=generator)
+            inv_q[i] = q.reciprocal_()
+    return inv_q
 
 
 def sample_recovered_tokens(
