@@ -20,16 +20,14 @@ from chimera_vllm.vllm.patches import CHECKED_VLLM, install_all
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = CHECKED_VLLM
-
 
 def register() -> None:
     import vllm
 
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+    if not vllm.__version__.startswith(CHECKED_VLLM):
         logger.warning(
             "chimera_vllm supports vLLM %s; found %s: the Chimera draft is not registered",
-            " and ".join(SUPPORTED_VLLM),
+            " and ".join(CHECKED_VLLM),
             vllm.__version__,
         )
         return

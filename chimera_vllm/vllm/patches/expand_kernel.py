@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from chimera_vllm.vllm.patches import patched
+from chimera_vllm.vllm.patches import patch_once, patched
 
 
 def expand_kernel(
@@ -50,9 +50,8 @@ def bug_present() -> bool:
 
 def install() -> None:
     """The platform registers its CPU kernels after the plugins load, reading them from
-    ``vllm.utils.cpu_triton_utils``: replacing the function there makes it register this one."""
+    ``vllm.utils.cpu_triton_utils``: replacing the function there makes it register this one.
+    The registry (patches/__init__.py) installs it only where :func:`bug_present`."""
     from vllm.utils import cpu_triton_utils
 
-    if bug_present():
-        expand_kernel._chimera_vllm_patched = True
-        cpu_triton_utils._expand_kernel_impl = expand_kernel
+    patch_once(cpu_triton_utils, "_expand_kernel_impl", lambda original: expand_kernel)
