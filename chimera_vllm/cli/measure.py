@@ -175,12 +175,11 @@ def _add_profile_step(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=cmd_profile_step)
 
 
-def _show_and_write(table: str, write, args: argparse.Namespace) -> None:
-    """Print a benchmark's table; with --out, write its report with the run's inputs beside it."""
-    print(table)
+def _show_and_write(rows: list, markdown_table, write_report, args: argparse.Namespace, inputs: tuple) -> None:
+    """Print a benchmark's table; with --out, write its report with the named inputs beside it."""
+    print(markdown_table(rows))
     if args.out:
-        extra = {name: getattr(args, name, None) for name in ("target", "draft", "medusa", "prompts", "dtype")}
-        write(Path(args.out), extra)
+        write_report(rows, Path(args.out), _command(), {name: getattr(args, name) for name in inputs})
         print(f"written to {args.out}.json, .md and .png")
 
 
@@ -225,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
         )
-    _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
+    _show_and_write(rows, markdown_table, write_report, args, ("target", "draft", "medusa", "prompts"))
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
@@ -247,7 +246,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
             args.timeout,
             rounds=args.rounds,
         )
-    _show_and_write(markdown_table(rows), lambda out, extra: write_report(rows, out, _command(), extra), args)
+    _show_and_write(rows, markdown_table, write_report, args, ("target", "draft", "prompts", "dtype"))
 
 
 def cmd_profile_step(args: argparse.Namespace) -> None:
