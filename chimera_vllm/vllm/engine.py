@@ -173,14 +173,11 @@ def generate(
     """Generate for every prompt in one batch; returns new token ids and the statistics of this call."""
     from vllm import SamplingParams
 
-    # vLLM-CPU crashes on a seeded request whose prefill is chunked (docs/vllm-integration.md):
-    # there the engine's seed alone makes sampling reproducible.
-    per_request_seeds = torch.cuda.is_available()
     params = [
         SamplingParams(
             max_tokens=max_new_tokens,
             temperature=temperature,
-            seed=seed + i if temperature > 0 and per_request_seeds else None,
+            seed=seed + i if temperature > 0 else None,
             stop_token_ids=sorted(stop_token_ids or ()),
         )
         for i in range(len(prompts))

