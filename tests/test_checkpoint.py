@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GPT2Config, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec, check_supported_target
-from chimera_vllm.model.base import ChimeraCheckpointError, TargetParts
+from chimera_vllm.model.base import ChimeraCheckpointError, TargetParts, check_draft_file
 from chimera_vllm.model.checkpoint import convert_official, init_draft
 from chimera_vllm.model.draft import ChimeraDraft
 from chimera_vllm.reference.target import final_hidden
@@ -108,6 +109,57 @@ def test_weights_that_do_not_fit_the_config_are_named(llama_target, llama_dir, t
     with pytest.raises(
         ChimeraCheckpointError, match=r"heads.weight has shape \(2, 64, 128\), the config implies \(3, 64, 128\)"
     ):
+        ChimeraDraft.from_pretrained(tmp_path)
+
+
+def _truncate(weights) -> None:
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _scribble_on_header(weights) -> None:
+    data = weights.read_bytes()
+    weights.write_bytes(data[:8] + b"#" * 40 + data[48:])
+
+
+def _vocab_id(value: int):
+    def change(weights) -> None:
+        state = load_file(weights)
+        state["draft_vocab"][3] = value
+        save_file(state, weights)
+
+    return change
+
+
+def _reshape_heads(weights) -> None:
+    state = load_file(weights)
+    state["heads.weight"] = state["heads.weight"][:, :, :-1].contiguous()
+    save_file(state, weights)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_truncate, r"corrupt draft weights .*model.safetensors: .*incomplete metadata"),
+        (_scribble_on_header, r"corrupt draft weights .*model.safetensors: .*invalid JSON"),
+        (_vocab_id(105), r"model.safetensors: draft_vocab holds token id 105, outside the target's vocabulary 0..104"),
+        (_vocab_id(-2), r"model.safetensors: draft_vocab holds token id -2"),
+        (_vocab_id(7), r"model.safetensors: draft_vocab lists a token id twice"),
+        (_reshape_heads, r"model.safetensors: weight heads.weight has shape \(2, 64, 127\), the config implies"),
+    ],
+)
+def test_a_damaged_weights_file_is_refused_from_its_header_naming_file_and_value(
+    llama_target, llama_dir, tmp_path, damage, message
+):
+    """What an engine checks before it starts (check_draft_file), and what loading the draft refuses."""
+    draft = init_draft(llama_target, str(llama_dir), num_heads=2)
+    draft.set_draft_vocab(torch.arange(5, 60))
+    draft.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    check_draft_file(weights, draft.config)  # the undamaged file passes
+    damage(weights)
+    with pytest.raises(ChimeraCheckpointError, match=message):
+        check_draft_file(weights, ChimeraConfig.load(tmp_path))
+    with pytest.raises(ChimeraCheckpointError, match=message):
         ChimeraDraft.from_pretrained(tmp_path)
 
 

@@ -13,10 +13,12 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from chimera_vllm import cli
 from chimera_vllm.config import ChimeraConfigError
 from chimera_vllm.evaluation.acceptance import draft_predictions, greedy_accepts
+from chimera_vllm.model.base import ChimeraCheckpointError, DraftModel
 from chimera_vllm.model.checkpoint import init_draft
 from chimera_vllm.model.medusa import MedusaDraft
 from chimera_vllm.reference.decoding import SpeculativeDecoder
@@ -249,8 +251,54 @@ def test_qwen2_target_is_lossless(pair, tmp_path):
 
 def test_draft_for_another_target_is_refused_before_start(pair, tmp_path):
     other = build_tiny_target(tmp_path / "wide", "llama", hidden_size=96, head_dim=48)
-    with pytest.raises(ChimeraConfigError, match=r"hidden_size=64.*hidden_size=96"):
+    with pytest.raises(
+        ChimeraConfigError, match=rf"Chimera draft {re.escape(str(pair[1]))}: .*hidden_size=64.*hidden_size=96"
+    ):
         make_engine(other, pair[1], 2)
+
+
+def test_a_draft_of_nan_weights_changes_no_output(pair, baseline, tmp_path):
+    """Verification rejects whatever such a draft proposes: greedy outputs are the target's, and
+    sampling runs (the drafts' probabilities, NaN, passed to the rejection sampler too)."""
+    draft = init_draft(load_target(str(pair[0])), str(pair[0]), num_heads=4)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.fill_(float("nan"))
+    draft.save_pretrained(tmp_path / "nan")
+    prompts = mixed_prompts(pair[3], 12)
+    for sample_method in ("greedy", "probabilistic"):
+        llm = make_engine(pair[0], tmp_path / "nan", 4, spec_extra={"draft_sample_method": sample_method})
+        try:
+            assert greedy(llm, prompts) == greedy(baseline, prompts)
+            params = SamplingParams(temperature=0.8, max_tokens=16, seed=5)
+            sampled = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            assert all(0 <= t < 105 for o in sampled for t in o.outputs[0].token_ids)
+            counters = SpecCounters.read(llm)
+            assert counters.draft_tokens > 0 and counters.accepted_tokens == 0
+        finally:
+            close_llm(llm)
+
+
+def _draft_vocab_id_out_of_range(weights) -> None:
+    state = load_file(weights)
+    state["draft_vocab"][-10:] = torch.arange(100, 110)
+    save_file(state, weights)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda w: w.write_bytes(w.read_bytes()[:300]), "corrupt draft weights {}: Error while deserializing header"),
+        (_draft_vocab_id_out_of_range, "{}: draft_vocab holds token id 105, outside the target's vocabulary 0..104"),
+    ],
+)
+def test_a_damaged_draft_is_refused_before_start_naming_its_file_and_value(pair, tmp_path, damage, message):
+    draft = DraftModel.from_pretrained(pair[1])
+    draft.set_draft_vocab(torch.arange(5, 60))
+    draft.save_pretrained(tmp_path)
+    damage(tmp_path / "model.safetensors")
+    with pytest.raises(ChimeraCheckpointError, match=message.format(re.escape(str(tmp_path / "model.safetensors")))):
+        make_engine(pair[0], tmp_path, 2)
 
 
 def test_more_speculative_tokens_than_heads_is_refused(pair):

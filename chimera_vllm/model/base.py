@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -246,19 +246,55 @@ class DraftModel(nn.Module):
                 f"{directory} holds a {config.head_type!r} draft ({kind.__name__}), not a {cls.__name__}"
             )
         model = kind(config).to(device)
-        _check_state_dict(model, state, path)
+        _check_shapes(_shapes(model.state_dict()), _shapes(state), path)
+        _check_draft_vocab(state.get("draft_vocab"), config.vocab_size, path)
         model.load_state_dict(state)
         return model.to(dtype or getattr(torch, config.dtype)).eval()
 
 
-def _check_state_dict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def check_draft_file(path: str | Path, config: ChimeraConfig) -> None:
+    """Refuse a draft weights file that cannot be the draft its config describes, naming the file
+    and the value: unreadable (truncated, corrupt), weights missing, unexpected or of another shape,
+    or draft vocabulary ids outside the target's vocabulary. Reads the file's header and the
+    draft vocabulary only, so an engine can check a draft before it starts."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            vocab = f.get_tensor("draft_vocab") if "draft_vocab" in found else None
+    except (SafetensorError, OSError) as e:
+        raise ChimeraCheckpointError(f"corrupt draft weights {path}: {e}") from e
+    with torch.device("meta"):
+        expected = _shapes(draft_class(config)(config).state_dict())
+    _check_shapes(expected, found, path)
+    _check_draft_vocab(vocab, config.vocab_size, path)
+
+
+def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ChimeraCheckpointError(f"{path}: missing weights {missing}, unexpected weights {unexpected}")
     for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ChimeraCheckpointError(
-                f"{path}: weight {name} has shape {tuple(state[name].shape)}, the config implies {shape}"
-            )
+        if found[name] != shape:
+            raise ChimeraCheckpointError(f"{path}: weight {name} has shape {found[name]}, the config implies {shape}")
+
+
+def _check_draft_vocab(ids: Tensor | None, vocab_size: int, path: Path) -> None:
+    """A draft vocabulary holds distinct integer ids of target tokens."""
+    if ids is None:
+        return
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ChimeraCheckpointError(f"{path}: draft_vocab holds {ids.dtype} values, not token ids")
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        raise ChimeraCheckpointError(
+            f"{path}: draft_vocab holds token id {outside[0].item()}, "
+            f"outside the target's vocabulary 0..{vocab_size - 1}"
+        )
+    if ids.unique().numel() != ids.numel():
+        raise ChimeraCheckpointError(f"{path}: draft_vocab lists a token id twice")

@@ -21,21 +21,27 @@ from chimera_vllm.vllm.patches import patch_once
 from chimera_vllm.vllm.prompt_lookup import PromptLookup, draft_model_tokens
 
 
-def read_config_dict(model: str | None) -> dict[str, Any] | None:
-    """config.json of a local directory or of a model in the Hugging Face cache (never downloads)."""
+def local_file(model: str | None, name: str) -> Path | None:
+    """A file of a local directory or of a model in the Hugging Face cache (never downloads)."""
     if not model:
         return None
-    path = Path(model) / CONFIG_NAME
-    if not path.is_file():
-        from huggingface_hub import try_to_load_from_cache
+    path = Path(model) / name
+    if path.is_file():
+        return path
+    from huggingface_hub import try_to_load_from_cache
 
-        try:
-            cached = try_to_load_from_cache(model, CONFIG_NAME)
-        except ValueError:  # not a repository id
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    try:
+        cached = try_to_load_from_cache(model, name)
+    except ValueError:  # not a repository id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def read_config_dict(model: str | None) -> dict[str, Any] | None:
+    """config.json of a local directory or of a model in the Hugging Face cache (never downloads)."""
+    path = local_file(model, CONFIG_NAME)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -99,7 +105,7 @@ def install() -> None:
                         self.spec_tokens = k
                 if lookup is not None:
                     lookup.check(k)
-                _check_before_start(config, draft_model_tokens(lookup, k), target_model_config)
+                _check_before_start(config, model, draft_model_tokens(lookup, k), target_model_config)
             speculative_config = original(self, target_model_config, target_parallel_config)
             if lookup is not None:
                 lookup.attach(speculative_config.draft_model_config.hf_config)
@@ -110,8 +116,16 @@ def install() -> None:
     patch_once(EngineArgs, "create_speculative_config", make)
 
 
-def _check_before_start(config: ChimeraConfig, num_speculative_tokens: int, target_model_config) -> None:
-    """The draft/target checks, in the process that starts the engine, so the error reaches the user."""
+def _check_before_start(config: ChimeraConfig, model: str, num_speculative_tokens: int, target_model_config) -> None:
+    """The draft/target checks and the draft's weights file (when it is here already: vLLM
+    downloads it otherwise), in the process that starts the engine, so the error reaches the user."""
+    from chimera_vllm.model.base import WEIGHTS_NAME, check_draft_file
     from chimera_vllm.vllm.model import check_draft_for_target
 
-    check_draft_for_target(config, target_model_config.hf_config, num_speculative_tokens)
+    try:
+        check_draft_for_target(config, target_model_config.hf_config, num_speculative_tokens)
+    except ChimeraConfigError as e:
+        raise ChimeraConfigError(f"Chimera draft {model}: {e}") from e
+    weights = local_file(model, WEIGHTS_NAME)
+    if weights is not None:
+        check_draft_file(weights, config)
