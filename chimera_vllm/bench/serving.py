@@ -117,8 +117,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended).
+def serve(
+    command: list[str], timeout_s: float = 600, log_path: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run an OpenAI-compatible server command on 127.0.0.1 (host and a free port appended), its
+    log in log_path (default: a temporary file).
 
     Yields its base URL and process once /health answers; stops it with SIGTERM on exit. On a
     CPU the server's engine runs on Intel's OpenMP (:func:`~chimera_vllm.vllm.server.server_environment`).
@@ -126,7 +129,7 @@ def serve(command: list[str], timeout_s: float = 600) -> Iterator[tuple[str, sub
     """
     port = free_port()
     env = server_environment()
-    with tempfile.TemporaryFile("w+") as log:
+    with open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],
             stdout=log,

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, option, None):
             setattr(args, option, resolve_draft(getattr(args, option)))
     try:
-        args.func(args)
+        code = args.func(args)  # a command that finds what it checks wrong returns 1
     except (ValueError, FileNotFoundError, FetchError, TimeoutError) as e:  # our errors name the bad value
         print(f"chimera-vllm: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0

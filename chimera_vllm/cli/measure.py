@@ -15,6 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_demo(sub)
     _add_bench(sub)
     _add_bench_serving(sub)
+    _add_soak(sub)
     _add_profile_step(sub)
     e = sub.add_parser(
         "eval",
@@ -149,6 +150,37 @@ def _add_bench_serving(sub: argparse._SubParsersAction) -> None:
     bs.set_defaults(func=cmd_bench_serving, takes_vllm_args=True)
 
 
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    from chimera_vllm.bench.demo import DRAFT, TARGET
+
+    s = sub.add_parser(
+        "soak",
+        help="the OpenAI server with and without the draft under the same long mixed traffic, with dropped "
+        "streams, requests to refuse and faulty drafts: nothing lost or leaked, greedy outputs identical",
+        parents=[
+            options.target(default=TARGET),
+            options.draft(default=DRAFT),
+            options.prompts(help="prompt texts the traffic draws from (default: MT-bench's questions)"),
+            options.draft_tokens(),
+            options.dtype("float32", ": greedy outputs comparable token for token"),
+            options.max_model_len(2048),
+            options.seed(),
+            options.report_out(what="OUT.json and OUT.md"),
+        ],
+    )
+    s.add_argument("--duration", type=float, default=600, help="seconds of traffic per server")
+    s.add_argument("--max-requests", type=int, default=4000, help="requests per server at most")
+    s.add_argument("--max-tokens", type=int, default=48, help="the longest answer a request asks for")
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="levels the phases cycle through")
+    s.add_argument(
+        "--faulty-drafts",
+        action="store_true",
+        help="also serve a draft of NaN weights and one of random weights, and try three damaged drafts "
+        "the server must refuse at start-up",
+    )
+    s.set_defaults(func=cmd_soak)
+
+
 def _add_profile_step(sub: argparse._SubParsersAction) -> None:
     pp = sub.add_parser(
         "profile-step",
@@ -247,6 +279,21 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
             rounds=args.rounds,
         )
     _show_and_write(rows, markdown_table, write_report, args, ("target", "draft", "prompts", "dtype"))
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from chimera_vllm.bench.soak.report import SoakSettings, soak, write_report
+
+    settings = SoakSettings(
+        args.target, args.draft, args.prompts, args.num_speculative_tokens, args.duration,
+        args.max_requests, args.max_model_len, args.max_tokens, args.dtype, args.seed, args.faulty_drafts,
+        tuple(args.concurrency),
+    )  # fmt: skip
+    out = Path(args.out or "runs/soak/soak")
+    results = soak(settings, out)
+    write_report(results, out, _command())
+    print(out.with_suffix(".md").read_text())
+    return 0 if results["passed"] else 1
 
 
 def cmd_profile_step(args: argparse.Namespace) -> None:
