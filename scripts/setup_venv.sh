@@ -30,6 +30,13 @@ alias.mkdir(exist_ok=True)
 (alias / "INSTALLER").write_text("chimera-vllm setup\n")
 (alias / "RECORD").write_text("".join(f"{alias.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")))
 PY
+    # vLLM's suffix decoding (`--speculative-config '{"method": "suffix"}'`) needs Arctic Inference,
+    # an sdist whose build environment asks for torch 2.7: built here against the installed torch
+    # (no build isolation; its own vLLM plugin stays off unless ARCTIC_INFERENCE_ENABLED=1).
+    "${pip[@]}" install cmake "nanobind==2.9.2" grpcio-tools
+    nanobind_cmake=$(.venv/bin/python -m nanobind --cmake_dir)
+    CMAKE_ARGS="-DPython_EXECUTABLE=$PWD/.venv/bin/python -Dnanobind_DIR=$nanobind_cmake" \
+      "${pip[@]}" install --no-build-isolation --no-deps "arctic-inference==0.1.1"
   fi
   "${pip[@]}" install -e '.[test]'
   echo "$want" > "$stamp"

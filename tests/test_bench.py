@@ -24,7 +24,20 @@ def _row(method: str, batch_size: int, tok_s: float, dtype: str = "bfloat16") ->
 def test_methods_parse_and_print():
     assert str(Method.parse("chimera:3")) == "chimera:3" and Method.parse("hf") == Method("hf")
     assert str(Method("chimera", 3, ((1, 4, 3), (5, 9, 0)))) == "chimera:auto"
-    for bad in ("chimera", "none:2", "eagle:3", "hf:1", "ngram:4@2", "chimera:2@0", "chimera:2@"):
+    assert Method.parse("suffix").spec({}) == {"method": "suffix"} and str(Method.parse("suffix")) == "suffix"
+    assert Method.parse("suffix:8").spec({}) == {"method": "suffix", "num_speculative_tokens": 8}
+    assert str(Method.parse("suffix:8")) == "suffix:8"
+    for bad in (
+        "chimera",
+        "none:2",
+        "eagle:3",
+        "hf:1",
+        "ngram:4@2",
+        "chimera:2@0",
+        "chimera:2@",
+        "suffix:x",
+        "suffix:4@2",
+    ):
         with pytest.raises(ValueError, match=bad):
             Method.parse(bad)
 

@@ -220,6 +220,19 @@ def test_speculative_sampling_keeps_the_target_distribution(pair, chimera, train
     assert_samples_follow_the_target(chimera, trained_pair[1], grammar_prompts(pair[3], 1, seed=21)[0])
 
 
+def test_vllms_suffix_decoding_runs_lossless_beside_the_plugin(pair, baseline):
+    """vLLM's own model-free method (Arctic Inference, built by the set-up), which `bench --methods
+    suffix` measures against Chimera: the plugin leaves it alone and it drafts from the prompts."""
+    llm = LLM(model=str(pair[0]), speculative_config={"method": "suffix"}, disable_log_stats=False, **ENGINE)
+    try:
+        assert llm.llm_engine.vllm_config.speculative_config.method == "suffix"
+        prompts = mixed_prompts(pair[3], 12)
+        assert greedy(llm, prompts) == greedy(baseline, prompts)
+        assert SpecCounters.read(llm).accepted_tokens > 0
+    finally:
+        close_llm(llm)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_fewer_speculative_tokens_than_heads(pair, baseline, k):
     llm = make_engine(pair[0], pair[2], k)  # the randomised draft: rejections everywhere

@@ -8,14 +8,16 @@ from chimera_vllm.vllm.engine import NGRAM_LOOKUP, chimera_spec, medusa_spec, ng
 from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
 
 HYBRID = "chimera+ngram"
-METHODS = ("none", "ngram", "chimera", "medusa", "hf", HYBRID)
+METHODS = ("none", "ngram", "suffix", "chimera", "medusa", "hf", HYBRID)
 ANY_BATCH = 1 << 20
 """The last batch size of a schedule's open-ended range (vLLM clips it to max_num_seqs)."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4").
+    """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4"),
+    or "suffix" (vLLM's suffix decoding, model-free; "suffix:K" caps its drafts at K tokens, vLLM's
+    default is its tree depth, 24).
 
     "chimera+ngram:K:D" is the Chimera draft with prompt lookup beside it: the lookup's
     drafts where it finds a match (up to K tokens), D tokens of the draft model elsewhere
@@ -37,16 +39,17 @@ class Method:
         method, at, max_batch = text.partition("@")
         name, _, rest = method.partition(":")
         k, _, draft_k = rest.partition(":")
+        takes_k = {"none": False, "hf": False, "suffix": k != ""}.get(name, True)
         valid = (
             name in METHODS
-            and (name in ("none", "hf")) == (k == "")
+            and takes_k == (k != "")
             and (draft_k == "" or name == HYBRID)
             and all(part.isdigit() for part in (k, draft_k) if part)
             and (not at or (name in ("chimera", HYBRID) and max_batch.isdigit() and int(max_batch) > 0))
         )
         if not valid:
             raise ValueError(
-                f"method {text!r}: use none, hf, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K; "
+                f"method {text!r}: use none, hf, ngram:K, suffix[:K], chimera:K, chimera+ngram:K[:D] or medusa:K; "
                 "chimera methods take @N to speculate only while at most N (>= 1) requests run"
             )
         method = cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
@@ -73,7 +76,7 @@ class Method:
         if self.name == HYBRID:
             text = f"{self.name}:{self.k}" + (f":{self.draft_k}" if self.draft_k is not None else "")
         else:
-            text = self.name if self.name in ("none", "hf") else f"{self.name}:{self.k}"
+            text = f"{self.name}:{self.k}" if self.k else self.name
         if self.schedule is None:
             return text
         max_batch = self.max_speculative_batch()
@@ -92,6 +95,8 @@ class Method:
         """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
         if self.name == "ngram":
             return ngram_spec(self.k)
+        if self.name == "suffix":
+            return {"method": "suffix", **({"num_speculative_tokens": self.k} if self.k else {})}
         if self.name in ("chimera", "medusa", HYBRID):
             kind = "medusa" if self.name == "medusa" else "chimera"
             path = drafts.get(kind)

@@ -135,7 +135,8 @@ def draft_shape() -> argparse.ArgumentParser:
 
 
 ENGINE_METHODS_HELP = (
-    "none, ngram:K, chimera:K, chimera+ngram:K[:D] (prompt lookup beside the draft, D draft-model tokens), "
+    "none, ngram:K, suffix[:K] (vLLM's suffix decoding), chimera:K, chimera+ngram:K[:D] (prompt lookup beside "
+    "the draft, D draft-model tokens), "
     "medusa:K; chimera methods take @N: speculate only while at most N requests run (chimera:2@4, as serve "
     "--max-speculative-batch 4)"
 )
