@@ -6,8 +6,10 @@ float32, where batch shapes do not move the arg-max), a sampled one tokens from 
 distribution, though not the same tokens (a speculative step uses its random numbers otherwise).
 For sampled requests answered by both servers, the tokens at each position class are pooled per
 server and the total variation between the two pools is set against its spread when the two
-servers' answers to each request are swapped at random (a paired permutation test): the servers
-agree unless that distance is in the top ``ALPHA`` of the swapped ones.
+servers' answers to each request are swapped at random (a paired permutation test). A soak makes
+several such comparisons (3 position classes for each draft): they agree unless one distance is in
+the top ALPHA / (number of comparisons) of its swapped ones, so that a soak of servers that agree
+fails by chance at most ALPHA of the time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from chimera_vllm.bench.soak.traffic import RequestSpec
 POSITION_CLASSES = {"first": range(0, 1), "2-5": range(1, 5), "6+": range(5, 1 << 30)}
 """The first token comes from the prefill; the next ones from steps that verify drafts."""
 ALPHA = 0.01
-PERMUTATIONS = 500
+PERMUTATIONS = 2000
 
 
 @dataclass
@@ -44,9 +46,9 @@ class SampledComparison:
     total_variation: float
     p_value: float
 
-    @property
-    def agrees(self) -> bool:
-        return self.p_value >= ALPHA
+    def agrees(self, comparisons: int) -> bool:
+        """Whether the servers agree, this being one of so many comparisons."""
+        return self.p_value >= ALPHA / comparisons
 
 
 def answered_by_both(a: list[Outcome], b: list[Outcome]) -> list[tuple[Outcome, Outcome]]:

@@ -95,16 +95,18 @@ def soak(settings: SoakSettings, out: Path) -> dict:
             name, command, SERVED_NAME, traffic, settings.duration_s, settings.levels, log_path=log
         )
         reports.append(report)
-    pairs = []
+    compared = {}
     for name in drafts:
         both = answered_by_both(outcomes["none"], outcomes[name])
-        greedy = compare_greedy(traffic, both)
-        sampled = compare_sampled(traffic, both, settings.seed)
+        compared[name] = compare_greedy(traffic, both), compare_sampled(traffic, both, settings.seed)
+    comparisons = max(1, sum(len(sampled) for _, sampled in compared.values()))
+    pairs = []
+    for name, (greedy, sampled) in compared.items():
         pairs.append(
             {"a": "none", "b": name, "greedy_compared": greedy.compared, "greedy_identical": greedy.identical}
             | {
                 "first_differences": greedy.first_differences,
-                "sampled": [asdict(s) | {"agrees": s.agrees} for s in sampled],
+                "sampled": [asdict(s) | {"agrees": s.agrees(comparisons)} for s in sampled],
             }
         )
     refusals = {name: refused_at_start(settings, faulty[name]) for name in REFUSED if name in faulty}
