@@ -191,8 +191,10 @@ def test_a_short_soak_of_the_tiny_pair_loses_nothing_and_changes_no_greedy_outpu
         assert (server["unexpected_failures"], server["server_errors"], server["crashes"]) == (0, 0, 0), server
         assert server["kv_usage_after_drain"] <= 0.01, server
         assert server["rss_start_mb"] > 0 and server["rss_end_mb"] > 0
+    # requests with their own seed prefilled in chunks, which killed vLLM-CPU's engine, were served
+    assert sum(server["seeded_chunked_completed"] for server in report["servers"]) > 0
     for pair in report["pairs"]:
-        assert pair["greedy_identical"] == pair["greedy_compared"] > 30, pair["first_differences"]
+        assert pair["greedy_identical"] == pair["greedy_compared"] > 10, pair["first_differences"]
         assert all(s["agrees"] for s in pair["sampled"]), pair["sampled"]
     for name, refusal in report["refused_at_start"].items():
         assert refusal["refused"], (name, refusal["message"])
