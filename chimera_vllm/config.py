@@ -23,7 +23,12 @@ DRAFT_ARCHITECTURE = "ChimeraDraftModel"
 # model_type -> architecture name of the target families Chimera supports.
 SUPPORTED_TARGETS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TRIGRAM_MLPS = ("resblock", "linear")
-HEAD_TYPES = ("residual", "full", "medusa")  # medusa: the baseline, heads over h_a only
+HEAD_TYPES = (
+    "residual",
+    "full",
+    "medusa",
+    "eagle3",
+)  # medusa, eagle3: the baselines (model/medusa.py, model/eagle3.py)
 
 
 class ChimeraConfigError(ValueError):
@@ -94,6 +99,9 @@ class ChimeraConfig:
     head_type: str = "residual"
     intermediate_size: int | None = None  # encoder layer's MLP width; default: 4H rounded
     draft_vocab_size: int | None = None  # drafting restricted to this many target tokens (None: all)
+    # eagle3 only: the target layers whose hidden states the draft fuses (vLLM's aux hidden states:
+    # the residual stream entering layer i; i = the target's layer count is the last layer's output).
+    aux_layers: list[int] | None = None
     verifier_name_or_path: str = ""
     verifier_architectures: list[str] = field(default_factory=list)
     dtype: str = "float32"
@@ -109,6 +117,16 @@ class ChimeraConfig:
             self.intermediate_size = 4 * self.target.hidden_size
         if self.intermediate_size < 1:
             raise ChimeraConfigError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
+        if (self.head_type == "eagle3") != (self.aux_layers is not None):
+            raise ChimeraConfigError(
+                f"aux_layers={self.aux_layers!r}: an eagle3 draft names the target layers it reads, no other kind does"
+            )
+        if self.aux_layers is not None and (len(set(self.aux_layers)) != 3 or min(self.aux_layers) < 0):
+            raise ChimeraConfigError(
+                f"aux_layers must be three distinct target layer ids >= 0, got {self.aux_layers!r}"
+            )
+        if self.aux_layers is not None:
+            self.aux_layers = sorted(self.aux_layers)  # vLLM concatenates them in this order
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.target.vocab_size:
             raise ChimeraConfigError(
                 f"draft_vocab_size must be in 1..{self.target.vocab_size} (the target's vocabulary), "
@@ -188,6 +206,7 @@ class ChimeraConfig:
                 "head_type": self.head_type,
                 "intermediate_size": self.intermediate_size,
                 "draft_vocab_size": self.draft_vocab_size,
+                "aux_layers": self.aux_layers,
             },
             "torch_dtype": self.dtype,
         }
@@ -209,6 +228,7 @@ class ChimeraConfig:
                 head_type=chimera["head_type"],
                 intermediate_size=int(chimera["intermediate_size"]),
                 draft_vocab_size=chimera.get("draft_vocab_size"),
+                aux_layers=chimera.get("aux_layers"),
                 verifier_name_or_path=verifier.get("name_or_path", ""),
                 verifier_architectures=list(verifier.get("architectures", [])),
                 dtype=d.get("torch_dtype", "float32"),

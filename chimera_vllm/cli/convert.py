@@ -1,4 +1,5 @@
-"""Commands that carry drafts across formats: the authors' checkpoints in, vLLM's Medusa format out."""
+"""Commands that carry drafts across formats: the authors' checkpoints in, vLLM's Medusa and
+speculators eagle3 formats out."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_export_medusa)
 
+    e = sub.add_parser(
+        "export-eagle3",
+        help="an EAGLE-3 draft in the speculators eagle3 format, served by vLLM's own EAGLE-3 proposer",
+        parents=[
+            options.draft(required=True, help="a draft trained with --head-type eagle3"),
+            options.dtype("bfloat16"),
+        ],
+    )
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_export_eagle3)
+
 
 def cmd_convert_official(args: argparse.Namespace) -> None:
     from chimera_vllm.model.checkpoint import convert_official
@@ -52,3 +64,13 @@ def cmd_export_medusa(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: vLLM's Medusa format (speculative method medusa)")
     if draft.draft_vocab is not None:
         print("note: vLLM's Medusa drafts from the whole vocabulary (its loader rejects a token_map)")
+
+
+def cmd_export_eagle3(args: argparse.Namespace) -> None:
+    from chimera_vllm.model.checkpoint import export_vllm_eagle3
+    from chimera_vllm.model.eagle3 import Eagle3Draft
+    from chimera_vllm.reference.target import resolve_dtype
+
+    draft = Eagle3Draft.from_pretrained(args.draft)
+    export_vllm_eagle3(draft, args.out, resolve_dtype(args.dtype))
+    print(f"wrote {args.out}: speculators eagle3 format (speculative method eagle3, or `vllm serve {args.out}`)")

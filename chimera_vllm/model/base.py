@@ -4,7 +4,8 @@ draft vocabulary, the heads' products and the checkpoint format (config.json + m
 Shapes use B (batch), T (query positions), S (key/value positions), H (hidden), V (vocabulary),
 K (draft steps). A draft owns no copy of the target's embedding or LM head: both are passed in as
 :class:`TargetParts` and never appear in its state dict. The kinds: :class:`~chimera_vllm.model.draft.ChimeraDraft`
-(the method) and :class:`~chimera_vllm.model.medusa.MedusaDraft` (the baseline it is measured against).
+(the method) and the baselines it is measured against, :class:`~chimera_vllm.model.medusa.MedusaDraft` and
+:class:`~chimera_vllm.model.eagle3.Eagle3Draft`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class DraftInputs:
     """What the drafting loop reads once the target has verified x_0..x_n of B requests and
     produced x_{n+1}: ctx_k/ctx_v [B, kvh, S, d] are the encoder's keys/values of the verified
     hidden states h_0..h_n (None for Medusa) in S slots, ctx_valid [B, S] marks the real ones,
-    last_tokens [B, 3] are (x_{n-1}, x_n, x_{n+1}), next_position [B] is n+1, anchor [B, H] is h_n."""
+    last_tokens [B, 3] are (x_{n-1}, x_n, x_{n+1}), next_position [B] is n+1, anchor [B, H] is h_n;
+    aux [B, 3H] (EAGLE-3 only) is the target's hidden states of x_n from the layers the draft reads."""
 
     parts: TargetParts
     ctx_k: Tensor | None
@@ -54,6 +56,7 @@ class DraftInputs:
     last_tokens: Tensor
     next_position: Tensor
     anchor: Tensor
+    aux: Tensor | None = None
 
 
 TokenChooser = Callable[[int, Tensor], Tensor]
@@ -74,11 +77,12 @@ def shifted_anchor(hidden: Tensor, step: int) -> Tensor:
 
 
 def draft_class(config: ChimeraConfig) -> type[DraftModel]:
-    """The draft class a config describes: the Medusa baseline for head_type "medusa", else Chimera."""
+    """The draft class a config describes: a baseline for head_type "medusa" or "eagle3", else Chimera."""
     from chimera_vllm.model.draft import ChimeraDraft
+    from chimera_vllm.model.eagle3 import Eagle3Draft
     from chimera_vllm.model.medusa import MedusaDraft
 
-    return MedusaDraft if config.head_type == "medusa" else ChimeraDraft
+    return {"medusa": MedusaDraft, "eagle3": Eagle3Draft}.get(config.head_type, ChimeraDraft)
 
 
 class DraftModel(nn.Module):
@@ -120,11 +124,12 @@ class DraftModel(nn.Module):
         raise NotImplementedError
 
     def training_steps(
-        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
+        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int, aux: Tensor | None = None
     ) -> Iterator[tuple[int, Tensor | None, Tensor]]:
         """Yield (k, ĥ^(k) [B, T, H] or None, anchor^(k) [B, T, H]) for every draft step of a whole
         sequence at once, teacher-forced: what the drafting loop computes at each query position.
-        Positions p <= k have no anchor; their outputs are meaningless and must not be trained."""
+        Positions p <= k have no anchor; their outputs are meaningless and must not be trained.
+        aux [B, T, 3H]: the target's hidden states of the layers an EAGLE-3 draft reads."""
         raise NotImplementedError
 
     @property

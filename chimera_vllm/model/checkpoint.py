@@ -1,5 +1,5 @@
 """Making draft checkpoints: a fresh draft for a target, one imported from the authors' release,
-and the Medusa baseline exported to vLLM's own Medusa format.
+and the baselines exported to vLLM's own formats (Medusa, speculators eagle3).
 
 Saving and loading a draft directory is :meth:`DraftModel.save_pretrained` /
 :meth:`DraftModel.from_pretrained` (model/base.py); the config format is in config.py.
@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec
 from chimera_vllm.model.base import ChimeraCheckpointError, DraftModel, TargetParts, draft_class
 from chimera_vllm.model.draft import ChimeraDraft
+from chimera_vllm.model.eagle3 import Eagle3Draft, default_aux_layers
 from chimera_vllm.model.medusa import MedusaDraft
 
 OFFICIAL_FILES = ("trimlp.pt", "fast_layer1.pt", "chimera_head.pt")
@@ -53,13 +54,15 @@ def init_draft(
     intermediate_size: int | None = None,
 ) -> DraftModel:
     """An untrained draft for `target`, its heads initialised from the target's LM head; the
-    full-context encoder's MLP is `intermediate_size` wide (default: 4x the target's hidden size)."""
+    full-context encoder's MLP is `intermediate_size` wide (default: 4x the target's hidden size).
+    An EAGLE-3 draft reads the layers vLLM picks by default (:func:`default_aux_layers`)."""
     config = ChimeraConfig(
         TargetSpec.from_target_config(target.config),
         num_heads=num_heads,
         trigram_mlp=trigram_mlp,
         head_type=head_type,
         intermediate_size=intermediate_size,
+        aux_layers=default_aux_layers(target.config.num_hidden_layers) if head_type == "eagle3" else None,
         verifier_name_or_path=target_name_or_path,
         verifier_architectures=list(target.config.architectures or []),
     )
@@ -166,3 +169,49 @@ def export_vllm_medusa(draft: MedusaDraft, parts: TargetParts, out: str | Path) 
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_vllm_eagle3(draft: Eagle3Draft, out: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write an EAGLE-3 draft in the speculators ``eagle3`` format, which vLLM's own EAGLE-3 proposer
+    serves (``--speculative-config '{"method": "eagle3", "model": OUT}'``, or ``vllm serve OUT``).
+
+    The weights keep vLLM's names (the decoder layer as ``layers.0``); the draft vocabulary becomes
+    ``d2t`` (target id = draft id + d2t[draft id]); the embedding is the target's, shared by vLLM.
+    """
+    if draft.config.head_type != "eagle3":
+        raise ChimeraConfigError(f"only an EAGLE-3 draft exports to vLLM's eagle3, got {draft.config.head_type!r}")
+    config = draft.config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(draft.parameters()).dtype
+    state = {
+        name.replace("layer.", "layers.0.", 1) if name.startswith("layer.") else name: tensor.to(dtype)
+        for name, tensor in draft.state_dict().items()
+        if name != "draft_vocab"
+    }
+    if draft.draft_vocab is not None:
+        state["d2t"] = draft.draft_vocab - torch.arange(len(draft.draft_vocab), device=draft.draft_vocab.device)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    layer = config.layer_config().to_diff_dict()
+    layer.pop("transformers_version", None)
+    layer["architectures"] = ["LlamaForCausalLM"]
+    speculator = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": config.num_heads}],
+            "default_proposal_method": "greedy",
+            "verifier": {
+                "name_or_path": config.verifier_name_or_path,
+                "architectures": list(config.verifier_architectures),
+            },
+        },
+        "transformer_layer_config": layer,
+        "draft_vocab_size": config.draft_vocab_size or config.vocab_size,
+        "target_hidden_size": config.hidden_size,
+        "norm_before_residual": True,
+        "eagle_aux_hidden_state_layer_ids": list(config.aux_layers),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / "config.json").write_text(json.dumps(speculator, indent=2) + "\n")

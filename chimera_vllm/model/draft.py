@@ -107,7 +107,7 @@ class ChimeraDraft(DraftModel):
         return tokens
 
     def training_steps(
-        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
+        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int, aux: Tensor | None = None
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Step k at query position p sees exactly what the drafting loop would after the target
         verified x_0..x_{n+1} with n = p-k-1: keys/values of the target's h_0..h_n, the encoder's

@@ -73,13 +73,14 @@ class EncoderAttention(nn.Module):
     checkpoints and vLLM's Llama weight loaders map onto them directly.
     """
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, input_size: int | None = None):
         super().__init__()
         H, d = cfg.hidden_size, cfg.head_dim
+        D = input_size or H  # EAGLE-3's layer reads [embedding; feature], 2H wide
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = nn.Linear(H, self.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(D, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, H, bias=False)
 
     def _split(self, x: Tensor, heads: int) -> Tensor:
@@ -101,7 +102,7 @@ class EncoderAttention(nn.Module):
         own_k: Tensor | None = None,
         own_v: Tensor | None = None,
     ) -> Tensor:
-        """x [B, T, H] (normed); ctx_k/ctx_v [B, kvh, S, d]; ctx_mask [B|1, T, S] bool.
+        """x [B, T, D] (normed); ctx_k/ctx_v [B, kvh, S, d]; ctx_mask [B|1, T, S] bool.
 
         Each query attends to the context entries its mask allows, to its own key/value
         and to own_k/own_v [B, kvh, T, m, d]: m more entries that only query t sees

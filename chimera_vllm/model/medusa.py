@@ -48,7 +48,7 @@ class MedusaDraft(DraftModel):
         return tokens
 
     def training_steps(
-        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int
+        self, parts: TargetParts, input_ids: Tensor, hidden: Tensor, num_steps: int, aux: Tensor | None = None
     ) -> Iterator[tuple[int, None, Tensor]]:
         for k in range(num_steps):
             yield k, None, shifted_anchor(hidden, k)

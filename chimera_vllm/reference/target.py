@@ -1,4 +1,5 @@
-"""Loading a target LLM with transformers and running it for its final hidden states."""
+"""Loading a target LLM with transformers and running it for its hidden states (final, and of the
+layers an EAGLE-3 draft reads)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,43 @@ def final_hidden(
         use_cache=cache is not None,
     )
     return out.last_hidden_state
+
+
+def final_and_aux_hidden(
+    model: PreTrainedModel, input_ids: Tensor, layers: list[int] | None, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(final hidden states [B, T, H], aux [B, T, len(layers) * H] or None without layers): aux
+    concatenates, in the order of ``layers``, the residual stream entering each layer (layer = the
+    layer count: the last layer's output before the final norm), what vLLM hands an EAGLE-3 draft."""
+    if not layers:
+        return final_hidden(model, input_ids, attention_mask), None
+    blocks = model.base_model.layers
+    captured: dict[int, Tensor] = {}
+
+    def keep(i: int, value: Tensor | tuple) -> None:
+        captured[i] = value[0] if isinstance(value, tuple) else value
+
+    for i in layers:
+        if not 0 <= i <= len(blocks):
+            raise ValueError(
+                f"aux layer {i}: the target has layers 0..{len(blocks) - 1}, and {len(blocks)} (its output)"
+            )
+    hooks = []
+    for i in layers:
+        if i < len(blocks):
+            hooks.append(
+                blocks[i].register_forward_pre_hook(
+                    lambda m, args, kwargs, i=i: keep(i, args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+                )
+            )
+        else:
+            hooks.append(blocks[-1].register_forward_hook(lambda m, args, out, i=i: keep(i, out)))
+    try:
+        final = final_hidden(model, input_ids, attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return final, torch.cat([captured[i] for i in layers], dim=-1)
 
 
 def generation_config(target: str):

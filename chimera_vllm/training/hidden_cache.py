@@ -3,9 +3,10 @@
 The target is frozen, so its hidden states are the same in every epoch; on a CPU
 its forward pass is about a third of a training step. The cache is one
 safetensors file: ``hidden`` [total tokens, H] (the sequences back to back, in
-the target's dtype) and ``offsets`` [N + 1]. Its metadata names the target, the
-data file (size and modification time) and the truncation length; a cache that
-does not match them is rebuilt.
+the target's dtype), for an EAGLE-3 draft ``aux`` [total tokens, 3H] (the layers
+it reads), and ``offsets`` [N + 1]. Its metadata names the target, the data file
+(size and modification time), the truncation length and the aux layers; a cache
+that does not match them is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from chimera_vllm.reference.target import final_hidden
+from chimera_vllm.reference.target import final_and_aux_hidden
 from chimera_vllm.training.data import Sequence, collate
 
 
-def cache_key(target_name: str, data_path: str | Path, max_length: int, dtype: torch.dtype) -> dict[str, str]:
+def cache_key(
+    target_name: str, data_path: str | Path, max_length: int, dtype: torch.dtype, aux_layers: list[int] | None = None
+) -> dict[str, str]:
     stat = Path(data_path).stat()
-    return {
+    key = {
         "target": target_name,
         "data": str(Path(data_path).resolve()),
         "data_size": str(stat.st_size),
@@ -33,6 +36,9 @@ def cache_key(target_name: str, data_path: str | Path, max_length: int, dtype: t
         "max_length": str(max_length),
         "dtype": str(dtype),
     }
+    if aux_layers:
+        key["aux_layers"] = json.dumps(aux_layers)
+    return key
 
 
 class HiddenCache:
@@ -42,14 +48,14 @@ class HiddenCache:
         self.path = Path(path)
         self._file = safe_open(str(self.path), framework="pt")
         self.offsets = self._file.get_tensor("offsets").tolist()
-        self._hidden = self._file.get_slice("hidden")
 
     def metadata(self) -> dict[str, str]:
         return self._file.metadata() or {}
 
-    def batch(self, indices: list[int], T: int) -> Tensor:
-        """Hidden states of sequences `indices`, right-padded with zeros to T positions."""
-        rows = [self._hidden[self.offsets[i] : self.offsets[i + 1]] for i in indices]
+    def batch(self, indices: list[int], T: int, name: str = "hidden") -> Tensor:
+        """States ``name`` ("hidden" or "aux") of sequences `indices`, right-padded with zeros to T positions."""
+        states = self._file.get_slice(name)
+        rows = [states[self.offsets[i] : self.offsets[i + 1]] for i in indices]
         out = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
         for b, r in enumerate(rows):
             out[b, : len(r)] = r[:T]
@@ -66,20 +72,26 @@ def build_hidden_cache(
 ) -> HiddenCache:
     """Run the target over every sequence (longest first, to pad little) and write the cache."""
     path = Path(path)
+    aux_layers = json.loads(key.get("aux_layers", "null"))
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
     hidden: list[Tensor | None] = [None] * len(sequences)
+    aux: list[Tensor | None] = [None] * len(sequences)
     device = next(target.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc="target hidden states", disable=not progress):
         chunk = order[start : start + batch_size]
         ids, attn, _ = collate([sequences[i] for i in chunk])
         with torch.no_grad():
-            h = final_hidden(target, ids.to(device), attn.long().to(device)).cpu()
+            h, a = final_and_aux_hidden(target, ids.to(device), aux_layers, attn.long().to(device))
         for b, i in enumerate(chunk):
-            hidden[i] = h[b, : len(sequences[i].input_ids)]
+            hidden[i] = h[b, : len(sequences[i].input_ids)].cpu()
+            aux[i] = None if a is None else a[b, : len(sequences[i].input_ids)].cpu()
     lengths = torch.tensor([0] + [len(s.input_ids) for s in sequences])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"hidden": torch.cat(hidden), "offsets": lengths.cumsum(0)}, str(tmp), metadata=key)
+    states = {"hidden": torch.cat(hidden), "offsets": lengths.cumsum(0)}
+    if aux_layers:
+        states["aux"] = torch.cat(aux)
+    save_file(states, str(tmp), metadata=key)
     tmp.rename(path)
     return HiddenCache(path)
 

@@ -103,9 +103,15 @@ class ChimeraObjective(nn.Module):
         return index, rows if vocab is None else rows.index_select(0, vocab)
 
     def forward(
-        self, input_ids: Tensor, hidden: Tensor, label_mask: Tensor, next_tokens: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        hidden: Tensor,
+        label_mask: Tensor,
+        next_tokens: Tensor | None = None,
+        aux: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H].
+        """input_ids/label_mask [B, T] (label_mask[p]: x_p is a token to predict), hidden [B, T, H],
+        aux [B, T, 3H] the hidden states of the target layers an EAGLE-3 draft reads.
 
         next_tokens [B, T - 1]: the token each query p learns to propose for position p + 1;
         by default the data's own x_{p+1} (see greedy_next_tokens for the alternative)."""
@@ -114,7 +120,7 @@ class ChimeraObjective(nn.Module):
         total = hidden.new_zeros(())
         metrics: dict[str, float] = {}
         for k, h_hat, anchor in self.draft.training_steps(
-            self.parts, input_ids, hidden, len(self.weights.step_weights)
+            self.parts, input_ids, hidden, len(self.weights.step_weights), aux
         ):
             # query p predicts x_{p+1}; it needs an anchor (p >= k+1) and a label the draft can propose.
             sel = label_mask[:, 1:] & (labels >= 0)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from chimera_vllm.model.base import DraftModel, TargetParts
 from chimera_vllm.model.checkpoint import check_draft_shape, draft_shape_options, init_draft
-from chimera_vllm.reference.target import final_hidden, load_target
+from chimera_vllm.reference.target import final_and_aux_hidden, load_target
 from chimera_vllm.training.data import (
     batch_indices,
     collate,
@@ -224,11 +224,14 @@ def _starting_draft(args: TrainArgs, target, shape: dict, device: str, verbose: 
     return draft, 0, []
 
 
-def _hidden_cache(args: TrainArgs, target, data: list, rank: int, world: int) -> HiddenCache | None:
-    """The target's hidden states of the data, computed once by rank 0 (None without --hidden-cache)."""
+def _hidden_cache(
+    args: TrainArgs, target, data: list, aux_layers: list[int] | None, rank: int, world: int
+) -> HiddenCache | None:
+    """The target's hidden states of the data (and those of the layers an EAGLE-3 draft reads),
+    computed once by rank 0 (None without --hidden-cache)."""
     if not args.hidden_cache:
         return None
-    key = cache_key(args.target, args.data, args.max_length, target.dtype)
+    key = cache_key(args.target, args.data, args.max_length, target.dtype, aux_layers)
     cache = open_hidden_cache(target, data, args.hidden_cache, key, args.progress) if rank == 0 else None
     if world > 1:
         dist.barrier()
@@ -269,7 +272,8 @@ def train(args: TrainArgs) -> Path:
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if start:
         _load_optimizer(opt, out / "checkpoint")
-    cache = _hidden_cache(args, target, data, rank, world)
+    aux_layers = draft.config.aux_layers
+    cache = _hidden_cache(args, target, data, aux_layers, rank, world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
@@ -280,13 +284,14 @@ def train(args: TrainArgs) -> Path:
         ids, attn, labels = (t.to(device) for t in collate([data[i] for i in indices]))
         if cache is not None:
             hidden = cache.batch(indices, ids.shape[1]).to(device)
+            aux = cache.batch(indices, ids.shape[1], "aux").to(device) if aux_layers else None
         else:
             with torch.no_grad():
-                hidden = final_hidden(target, ids, attn.long())
+                hidden, aux = final_and_aux_hidden(target, ids, aux_layers, attn.long())
         chimera_objective.reseed(args.seed * 1_000_003 + step * world + rank)
         with autocast:
             next_tokens = greedy.batch(indices, hidden)[:, :-1] if greedy is not None else None
-            loss, metrics = objective(ids, hidden, labels, next_tokens)
+            loss, metrics = objective(ids, hidden, labels, next_tokens, aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), args.grad_clip)
