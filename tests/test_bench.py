@@ -37,9 +37,24 @@ def test_methods_parse_and_print():
         "chimera:2@",
         "suffix:x",
         "suffix:4@2",
+        "eagle3",
+        "eagle3:2@4",
     ):
         with pytest.raises(ValueError, match=bad):
             Method.parse(bad)
+
+
+def test_an_eagle3_method_runs_vllms_proposer_on_an_export_only(tmp_path, llama_target, llama_dir):
+    from chimera_vllm.model.checkpoint import init_draft
+
+    eagle3 = Method.parse("eagle3:3")
+    assert str(eagle3) == "eagle3:3"
+    assert eagle3.spec({"eagle3": "DIR"}) == {"method": "eagle3", "model": "DIR", "num_speculative_tokens": 3}
+    with pytest.raises(ValueError, match="needs --eagle3"):
+        eagle3.spec({"chimera": "DRAFT"})
+    init_draft(llama_target, str(llama_dir), 3, head_type="eagle3").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="export-eagle3"):
+        eagle3.spec({"eagle3": str(tmp_path)})
 
 
 def test_a_chimera_method_limited_to_a_batch_size_is_what_serve_runs_and_prints_back():

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from chimera_vllm.vllm.engine import NGRAM_LOOKUP, chimera_spec, medusa_spec, ngram_spec
+from chimera_vllm.vllm.engine import NGRAM_LOOKUP, builtin_draft_spec, chimera_spec, ngram_spec
 from chimera_vllm.vllm.prompt_lookup import DRAFT_TOKENS_KEY
 
 HYBRID = "chimera+ngram"
-METHODS = ("none", "ngram", "suffix", "chimera", "medusa", "hf", HYBRID)
+METHODS = ("none", "ngram", "suffix", "chimera", "medusa", "eagle3", "hf", HYBRID)
+BUILTIN_DRAFTS = ("medusa", "eagle3")
+"""Methods whose draft vLLM runs with its own code, from the export of a baseline draft."""
 ANY_BATCH = 1 << 20
 """The last batch size of a schedule's open-ended range (vLLM clips it to max_num_seqs)."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """A proposer: "none", or "ngram"/"chimera"/"medusa" (vLLM's) with K tokens per step ("chimera:4"),
+    """A proposer: "none", or "ngram"/"chimera"/"medusa"/"eagle3" (vLLM's) with K tokens per step ("chimera:4"),
     or "suffix" (vLLM's suffix decoding, model-free; "suffix:K" caps its drafts at K tokens, vLLM's
     default is its tree depth, 24).
 
@@ -49,7 +51,8 @@ class Method:
         )
         if not valid:
             raise ValueError(
-                f"method {text!r}: use none, hf, ngram:K, suffix[:K], chimera:K, chimera+ngram:K[:D] or medusa:K; "
+                f"method {text!r}: use none, hf, ngram:K, suffix[:K], chimera:K, chimera+ngram:K[:D], medusa:K or "
+                "eagle3:K; "
                 "chimera methods take @N to speculate only while at most N (>= 1) requests run"
             )
         method = cls(name, int(k) if k else 0, draft_k=int(draft_k) if draft_k else None)
@@ -92,18 +95,18 @@ class Method:
         return None
 
     def spec(self, drafts: dict[str, str | None]) -> dict | None:
-        """vLLM's speculative config; drafts maps "chimera"/"medusa" to their directories."""
+        """vLLM's speculative config; drafts maps "chimera"/"medusa"/"eagle3" to their directories."""
         if self.name == "ngram":
             return ngram_spec(self.k)
         if self.name == "suffix":
             return {"method": "suffix", **({"num_speculative_tokens": self.k} if self.k else {})}
-        if self.name in ("chimera", "medusa", HYBRID):
-            kind = "medusa" if self.name == "medusa" else "chimera"
+        if self.name in ("chimera", *BUILTIN_DRAFTS, HYBRID):
+            kind = self.name if self.name in BUILTIN_DRAFTS else "chimera"
             path = drafts.get(kind)
             if path is None:
-                raise ValueError(f"the {self.name} method needs --{'draft' if kind == 'chimera' else 'medusa'}")
-            if self.name == "medusa":
-                return medusa_spec(path, self.k)
+                raise ValueError(f"the {self.name} method needs --{'draft' if kind == 'chimera' else kind}")
+            if kind in BUILTIN_DRAFTS:
+                return builtin_draft_spec(kind, path, self.k)
             extra = {}
             if self.schedule:
                 extra["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]

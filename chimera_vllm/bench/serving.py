@@ -262,7 +262,7 @@ def run(
     if any(m.name == "hf" for m in methods):
         raise ValueError(
             "method hf: transformers' generate is not a server; "
-            "use none, ngram:K, chimera:K, chimera+ngram:K[:D] or medusa:K"
+            "use none, ngram:K, suffix[:K], chimera:K, chimera+ngram:K[:D], medusa:K or eagle3:K"
         )
     rows: list[ServingRow] = []
     bar = tqdm(total=rounds * len(methods) * len(loads), desc="loads", unit="load")

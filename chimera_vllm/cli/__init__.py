@@ -17,7 +17,7 @@ in the order a user meets them:
   decode     serve, generate
   measure    demo, bench, bench-serving, profile-step, eval, make-tree
   train      make-prompts, make-data, init-draft, draft-vocab, train, plot-training
-  convert    convert-official, export-medusa
+  convert    convert-official, export-medusa, export-eagle3
 
 chimera-vllm COMMAND --help describes each command."""
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     use_offline_hub()
     logs_to_stderr()
-    for option in ("draft", "init_draft"):
+    for option in ("draft", "init_draft", "eagle3"):
         if getattr(args, option, None):
             setattr(args, option, resolve_draft(getattr(args, option)))
     try:

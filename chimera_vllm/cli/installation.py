@@ -18,7 +18,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     f.set_defaults(func=cmd_fetch_target)
 
-    dr = sub.add_parser("drafts", help="the shipped drafts: name, target and directory (any --draft takes the name)")
+    dr = sub.add_parser(
+        "drafts", help="the shipped drafts: name, kind, target and directory (--draft and --eagle3 take the name)"
+    )
     dr.set_defaults(func=cmd_drafts)
 
     doc = sub.add_parser(
@@ -35,8 +37,8 @@ def cmd_fetch_target(args: argparse.Namespace) -> None:
 
 
 def cmd_drafts(args: argparse.Namespace) -> None:
-    for name, target, path in describe_shipped_drafts():
-        print(f"{name}\t{target}\t{path}")
+    for name, kind, target, path in describe_shipped_drafts():
+        print(f"{name}\t{kind}\t{target}\t{path}")
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -65,7 +67,7 @@ def doctor_report() -> str:
     if gpu is None:
         lines.append(f"OpenMP runtime of the engines started here: {openmp_runtime()}")
     lines.append("shipped drafts:")
-    lines += [f"  {name}  (for {target})  {path}" for name, target, path in describe_shipped_drafts()]
+    lines += [f"  {name}  ({kind}, for {target})  {path}" for name, kind, target, path in describe_shipped_drafts()]
     lines.append("offline targets (chimera-vllm fetch-target NAME):")
     for name, target in sorted(PACKAGED_TARGETS.items()):
         ready = snapshot_dir(target).is_dir()

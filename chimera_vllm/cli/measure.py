@@ -243,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with options.vllm_log_beside_report(args):
         rows = run(
             args.target,
-            {"chimera": args.draft, "medusa": args.medusa},
+            options.method_drafts(args),
             prompts,
             methods,
             args.batch_sizes,
@@ -256,7 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
         )
-    _show_and_write(rows, markdown_table, write_report, args, ("target", "draft", "medusa", "prompts"))
+    _show_and_write(rows, markdown_table, write_report, args, ("target", "draft", "medusa", "eagle3", "prompts"))
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
@@ -267,7 +267,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     with options.vllm_log_beside_report(args):
         rows = run(
             args.target,
-            {"chimera": args.draft, "medusa": args.medusa},
+            options.method_drafts(args),
             parse_methods(args.methods),
             loads,
             args.prompts,
@@ -323,7 +323,7 @@ def _profiles(args: argparse.Namespace, methods: dict, traces: dict, prompts: li
         text: profile_engine(
             args.target,
             method,
-            {"chimera": args.draft, "medusa": args.medusa},
+            options.method_drafts(args),
             prompts,
             traces[text],
             args.dtype,

@@ -137,7 +137,8 @@ def draft_shape() -> argparse.ArgumentParser:
 ENGINE_METHODS_HELP = (
     "none, ngram:K, suffix[:K] (vLLM's suffix decoding), chimera:K, chimera+ngram:K[:D] (prompt lookup beside "
     "the draft, D draft-model tokens), "
-    "medusa:K; chimera methods take @N: speculate only while at most N requests run (chimera:2@4, as serve "
+    "medusa:K, eagle3:K (vLLM's own proposers, with --medusa / --eagle3); chimera methods take @N: speculate "
+    "only while at most N requests run (chimera:2@4, as serve "
     "--max-speculative-batch 4)"
 )
 
@@ -149,6 +150,10 @@ def engine_methods(default: list[str], extra_help: str = "") -> argparse.Argumen
         parents=[target(), draft(help="Chimera draft (for chimera methods): a directory or a shipped draft's name")],
     )
     p.add_argument("--medusa", help="Medusa heads in vLLM's format, from export-medusa (for medusa:K methods)")
+    p.add_argument(
+        "--eagle3",
+        help="an EAGLE-3 draft in the speculators format, from export-eagle3, or a shipped one's name (eagle3:K)",
+    )
     p.add_argument("--methods", nargs="+", default=default, help=ENGINE_METHODS_HELP + extra_help)
     return p
 
@@ -180,3 +185,8 @@ def dataclass_args(cls: type, args: argparse.Namespace) -> Any:
     """cls(**the parsed options that are cls's fields)."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def method_drafts(args: argparse.Namespace) -> dict[str, str | None]:
+    """The drafts an engine_methods parser was given, by the method kind that runs each."""
+    return {"chimera": args.draft, "medusa": args.medusa, "eagle3": args.eagle3}

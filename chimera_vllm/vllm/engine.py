@@ -8,6 +8,7 @@ shape as the reference decoder's :class:`~chimera_vllm.reference.decoding.Decode
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from chimera_vllm.config import SPECULATORS_MODEL_TYPE
 from chimera_vllm.reference.decoding import DecodeStats
 
 # On a machine without CUDA vLLM runs on the CPU: compilation costs minutes and gains
@@ -50,9 +52,13 @@ def ngram_spec(num_speculative_tokens: int) -> dict:
     return {"method": "ngram", "num_speculative_tokens": num_speculative_tokens, **NGRAM_LOOKUP}
 
 
-def medusa_spec(model: str, num_speculative_tokens: int) -> dict:
-    """vLLM's built-in Medusa with heads in its format (``chimera-vllm export-medusa``)."""
-    return {"method": "medusa", "model": model, "num_speculative_tokens": num_speculative_tokens}
+def builtin_draft_spec(method: str, model: str, num_speculative_tokens: int) -> dict:
+    """vLLM's own Medusa or EAGLE-3 proposer with a draft in its format (``chimera-vllm export-medusa``,
+    ``export-eagle3``); a draft in this project's training format is refused, naming the export."""
+    config = Path(model) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("speculators_model_type") == SPECULATORS_MODEL_TYPE:
+        raise ValueError(f"{model} is a draft in this project's format: `chimera-vllm export-{method}` writes vLLM's")
+    return {"method": method, "model": model, "num_speculative_tokens": num_speculative_tokens}
 
 
 OPENMP_RUNTIMES = ("libiomp", "libomp", "libgomp")
