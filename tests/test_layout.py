@@ -24,6 +24,7 @@ LAYERS = (
     {"evaluation"},
     {"testing"},
     {"bench"},
+    {"recipe"},
     {"cli"},
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

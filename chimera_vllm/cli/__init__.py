@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chimera_vllm.cli import convert, decoding, installation, measure, training
+from chimera_vllm.cli import convert, decoding, installation, measure, recipe, training
 from chimera_vllm.drafts import resolve_draft
 from chimera_vllm.environment import logs_to_stderr, use_offline_hub
 from chimera_vllm.reference.fetch import FetchError
@@ -16,12 +16,13 @@ in the order a user meets them:
   set up     fetch-target, drafts, doctor
   decode     serve, generate
   measure    demo, bench, bench-serving, profile-step, eval, make-tree
-  train      make-prompts, make-data, init-draft, draft-vocab, train, plot-training
+  train      recipe (all of these in one), make-prompts, make-data, init-draft, draft-vocab, train,
+             plot-training
   convert    convert-official, export-medusa, export-eagle3
 
 chimera-vllm COMMAND --help describes each command."""
 
-GROUPS = (installation, decoding, measure, training, convert)
+GROUPS = (installation, decoding, measure, training, recipe, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

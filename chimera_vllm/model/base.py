@@ -136,6 +136,14 @@ class DraftModel(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
+    def weights_read_per_step(self) -> int:
+        """Weights one draft step reads (elements): the draft's own, one head of the stacked ones, and
+        the LM-head rows of the draft vocabulary (the target's, which the draft does not own)."""
+        own = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("heads."))
+        one_head = sum(p[0].numel() for p in self.heads.parameters())
+        rows = 0 if self.config.head_type == "full" else (self.config.draft_vocab_size or self.config.vocab_size)
+        return own + one_head + rows * self.config.hidden_size
+
     def head_logits(self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts) -> Tensor:
         """Every head is features [..., D] times a vocabulary matrix [V, D]."""
         features, vocab = self.heads(step, h_hat, anchor, parts.lm_head_weight)

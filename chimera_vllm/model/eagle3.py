@@ -106,6 +106,10 @@ class Eagle3Draft(DraftModel):
         self.norm = LlamaRMSNorm(H, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, config.draft_vocab_size or config.vocab_size, bias=False)
 
+    def weights_read_per_step(self) -> int:
+        """Every weight but fc, which only the first step reads (its LM head is its own)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("fc."))
+
     def init_heads_from_target(self, parts: TargetParts) -> None:
         """The LM head starts as the target's rows of the draft vocabulary."""
         rows = parts.lm_head_weight if self.draft_vocab is None else parts.lm_head_weight[self.draft_vocab]

@@ -1,0 +1,1 @@
+"""One command that trains a draft of any kind for a target: prompts, answers, training, evaluation, card."""
