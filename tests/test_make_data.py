@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -113,22 +114,30 @@ def test_max_prompt_tokens_skips_exactly_the_longer_prompts(llama_dir, tmp_path)
     assert sorted(r["prompt_length"] for r in records) == sorted(n for n in lengths.values() if n <= limit)
 
 
-def test_an_mt_bench_turn_is_refused_as_training_prompt(llama_dir, tmp_path):
-    turn = sorted(heldout_turns())[0]
+@pytest.mark.parametrize("heldout", ["mt_bench_questions.jsonl", "heldout_other_kinds.jsonl"])
+def test_a_heldout_turn_is_refused_as_training_prompt(llama_dir, tmp_path, heldout):
+    turn = sorted(heldout_turns((DATA / heldout,)))[0]
     path = tmp_path / "leak.jsonl"
     path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": turn}) + "\n")
-    with pytest.raises(HeldOutPromptError, match="leak.jsonl:2: this prompt is an MT-bench turn"):
+    with pytest.raises(HeldOutPromptError, match="leak.jsonl:2: this prompt is a turn of a held-out evaluation set"):
         make_data(_args(llama_dir, path, tmp_path / "d.jsonl"))
 
 
-def test_shipped_training_prompts_never_equal_an_mt_bench_turn():
-    turns = heldout_turns(DATA / "mt_bench_questions.jsonl")
-    assert len(turns) == 160
-    shipped = {p.name for p in DATA.glob("*.jsonl*")} - {"mt_bench_questions.jsonl"}
+def test_shipped_training_prompts_never_equal_a_heldout_turn():
+    turns = heldout_turns()
+    assert len(turns) == 160 + 48  # MT-bench's two turns of 80 questions; 48 requests of other kinds
+    shipped = {p.name for p in DATA.glob("*.jsonl*")} - {"mt_bench_questions.jsonl", "heldout_other_kinds.jsonl"}
     assert shipped == set(TRAINING_SETS), "a prompt file in data/ that this test does not check"
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
     assert len(prompts) == 7473 + 175 + 252 + 164 + 6585 + 6755 + 13403 + 13427
     assert not [p.source for p in prompts if p.text.strip() in turns]
+
+
+def test_the_heldout_requests_of_other_kinds_hold_12_of_each_kind():
+    path = DATA / "heldout_other_kinds.jsonl"
+    categories = Counter(json.loads(line)["category"] for line in path.read_text().splitlines())
+    assert categories == {"summary": 12, "translation": 12, "passage-qa": 12, "math-word-problem": 12}
+    assert len({p.text for p in read_prompts(path)}) == 48
 
 
 def _prompt_args(llama_dir, out, **kw):

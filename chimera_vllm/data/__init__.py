@@ -10,6 +10,11 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
 MT_BENCH = DATA_DIR / "mt_bench_questions.jsonl"
-"""MT-bench's 80 questions: the held-out evaluation set (never trained on; make-data refuses it)."""
-PROMPT_OPENERS = DATA_DIR / "prompt_openers.txt"
-"""The first words of the requests make-prompts has the target write, steering their kinds."""
+"""MT-bench's 80 questions: a held-out evaluation set (never trained on; make-data refuses it)."""
+HELDOUT_OTHER_KINDS = DATA_DIR / "heldout_other_kinds.jsonl"
+"""48 requests of kinds MT-bench lacks, 12 each (category: summary, translation, passage-qa,
+math-word-problem), written for this project: held out like MT-bench."""
+PROMPT_OPENERS = DATA_DIR / "prompt_openers_more_kinds.txt"
+"""The first words of the requests the recipe has the target write, steering their kinds: the 48 of
+prompt_openers.txt (runs 8-10) and 10 for kinds MT-bench lacks (summaries of a given text,
+translation, questions over a passage, math word problems)."""

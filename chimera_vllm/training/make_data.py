@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from chimera_vllm.data import MT_BENCH
+from chimera_vllm.data import HELDOUT_OTHER_KINDS, MT_BENCH
 from chimera_vllm.data.prompts import Prompt, encode, read_prompts
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import load_target, load_tokenizer
 
-HELDOUT_EVAL_SET = MT_BENCH
+HELDOUT_EVAL_SETS = (MT_BENCH, HELDOUT_OTHER_KINDS)
 
 
 class HeldOutPromptError(ValueError):
-    """A training prompt equals a turn of the held-out evaluation set."""
+    """A training prompt equals a turn of a held-out evaluation set."""
 
 
 @dataclass
@@ -51,21 +51,21 @@ class MakeDataArgs:
     vllm_args: dict = field(default_factory=dict)
 
 
-def heldout_turns(path: Path = HELDOUT_EVAL_SET) -> set[str]:
-    """Every turn of MT-bench, the evaluation set no training prompt may equal."""
-    if not path.is_file():
-        return set()
+def heldout_turns(paths: tuple[Path, ...] = HELDOUT_EVAL_SETS) -> set[str]:
+    """Every turn of the evaluation sets no training prompt may equal: MT-bench and the requests of
+    other kinds (summaries, translation, questions over a passage, math word problems)."""
     turns = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            turns.update(t.strip() for t in json.loads(line)["turns"])
+    for path in paths:
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            turns.update(t.strip() for line in lines if line.strip() for t in json.loads(line)["turns"])
     return turns
 
 
 def check_not_heldout(prompts: list[Prompt], heldout: set[str]) -> None:
     for p in prompts:
         if p.text.strip() in heldout:
-            raise HeldOutPromptError(f"{p.source}: this prompt is an MT-bench turn, held out for evaluation")
+            raise HeldOutPromptError(f"{p.source}: this prompt is a turn of a held-out evaluation set")
 
 
 def _complete_batches(path: Path, batch_size: int, total: int) -> int:
@@ -161,7 +161,7 @@ def make_data(args: MakeDataArgs) -> Path:
     prompts = [p for path in args.prompts for p in read_prompts(path)]
     heldout = heldout_turns()
     if not heldout:
-        warnings.warn(f"{HELDOUT_EVAL_SET} not found: training prompts are not checked against MT-bench", stacklevel=2)
+        warnings.warn(f"{HELDOUT_EVAL_SETS} not found: training prompts are not checked against them", stacklevel=2)
     check_not_heldout(prompts, heldout)
     tokenizer = load_tokenizer(args.target)
     encoded = [encode(tokenizer, p, chat=True) for p in prompts]
