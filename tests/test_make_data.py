@@ -126,7 +126,8 @@ def test_a_heldout_turn_is_refused_as_training_prompt(llama_dir, tmp_path, heldo
 def test_shipped_training_prompts_never_equal_a_heldout_turn():
     turns = heldout_turns()
     assert len(turns) == 160 + 48  # MT-bench's two turns of 80 questions; 48 requests of other kinds
-    shipped = {p.name for p in DATA.glob("*.jsonl*")} - {"mt_bench_questions.jsonl", "heldout_other_kinds.jsonl"}
+    evaluation = {"mt_bench_questions.jsonl", "heldout_other_kinds.jsonl", "long_context_prompts.jsonl"}
+    shipped = {p.name for p in DATA.glob("*.jsonl*")} - evaluation
     assert shipped == set(TRAINING_SETS), "a prompt file in data/ that this test does not check"
     prompts = [p for name in TRAINING_SETS for p in read_prompts(DATA / name)]
     assert len(prompts) == 7473 + 175 + 252 + 164 + 6585 + 6755 + 13403 + 13427
