@@ -57,7 +57,7 @@ def test_training_under_torchrun_gets_the_same_arguments(tmp_path):
 
 @pytest.fixture(scope="module")
 def recipe_runs(trained_pair, tmp_path_factory):
-    """The tiny target's recipe for each kind into one folder (Medusa trained by two processes)."""
+    """The tiny target's recipe for each kind into one folder (Medusa by two processes, no cache)."""
     target_dir = trained_pair[0]
     root = tmp_path_factory.mktemp("recipe")
     common = dict(
@@ -68,7 +68,8 @@ def recipe_runs(trained_pair, tmp_path_factory):
     )  # fmt: skip
     kinds = {}
     for head_type, nproc in (("residual", 1), ("eagle3", 1), ("medusa", 2)):
-        kinds[head_type] = recipe(RecipeArgs(head_type=head_type, nproc=nproc, **common))
+        args = RecipeArgs(head_type=head_type, nproc=nproc, hidden_cache=nproc == 1, **common)
+        kinds[head_type] = recipe(args)
         if head_type == "residual":
             baseline = (root / "out" / "baseline.json").stat().st_mtime_ns
     assert (root / "out" / "baseline.json").stat().st_mtime_ns == baseline  # the target decoded once
@@ -82,6 +83,7 @@ def test_recipe_trains_a_working_draft_of_each_kind_on_the_same_data(recipe_runs
     stages = json.loads((out / "stages.json").read_text())
     assert "prompts" not in stages and {"answers", f"{head_type}/train", f"{head_type}/evaluate"} <= set(stages)
     assert DraftModel.from_pretrained(kind / "train").config.head_type == head_type
+    assert (kind / "hidden.safetensors").is_file() == (head_type != "medusa")
     (row,) = json.loads((kind / "evaluation.json").read_text())["rows"]
     assert row["outputs_identical"] and row["tau"] > 1.2, row
     card = (kind / "README.md").read_text()

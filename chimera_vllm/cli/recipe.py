@@ -39,6 +39,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--train-dtype", default=d.train_dtype)
     tr.add_argument("--save-dtype", default=d.save_dtype)
     tr.add_argument("--nproc", type=int, default=d.nproc, help="training processes (torchrun when > 1)")
+    tr.add_argument(
+        "--no-hidden-cache",
+        dest="hidden_cache",
+        action="store_false",
+        help="run the target every step instead of caching its hidden states (cheaper below ~one epoch)",
+    )
     ev = r.add_argument_group("evaluation (vLLM, greedy, float32)")
     ev.add_argument("--eval-prompts", default=d.eval_prompts, help="(default: MT-bench, turn 1)")
     ev.add_argument("--eval-num-prompts", type=int, default=d.eval_num_prompts)

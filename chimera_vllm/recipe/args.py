@@ -41,6 +41,7 @@ class RecipeArgs:
     train_dtype: str = "float32"
     save_dtype: str | None = "bfloat16"
     nproc: int = 1
+    hidden_cache: bool = True  # the target's hidden states computed once (pays off past ~one epoch)
     # evaluation
     eval_prompts: str = str(MT_BENCH)
     eval_num_prompts: int = 80

@@ -6,7 +6,8 @@ Stages, each resumable and each recorded in OUT/stages.json with its wall time o
   openers), unless prompt files are given;
 * ``answers`` (OUT/data.jsonl): the target's greedy answers (make-data);
 * ``KIND/train`` (OUT/KIND/train): distillation, the target's hidden states cached once
-  (OUT/KIND/hidden.safetensors), data-parallel under torchrun with nproc > 1;
+  (OUT/KIND/hidden.safetensors; a run of less than an epoch is cheaper without), data-parallel under
+  torchrun with nproc > 1;
 * ``KIND/export`` (OUT/KIND/vllm, baselines only): the draft in vLLM's own format;
 * ``KIND/evaluate`` (OUT/KIND/evaluation.json): greedy float32 decoding of the evaluation prompts
   in vLLM at each K, τ and acceptance by position from vLLM's counters, outputs checked token for
@@ -143,7 +144,7 @@ def train_args(args: RecipeArgs, kind: Path) -> TrainArgs:
         max_length=args.max_length,
         labels=args.labels,
         draft_vocab_size=args.draft_vocab_size,
-        hidden_cache=str(kind / "hidden.safetensors"),
+        hidden_cache=str(kind / "hidden.safetensors") if args.hidden_cache else None,
         seed=args.seed,
         dtype=args.train_dtype,
         save_dtype=args.save_dtype,
