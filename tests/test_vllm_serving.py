@@ -19,6 +19,7 @@ from chimera_vllm import cli
 from chimera_vllm.bench import demo
 from chimera_vllm.bench import serving as serving_bench
 from chimera_vllm.bench.methods import Method
+from chimera_vllm.bench.soak.run import gauge
 from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.testing.tiny import grammar_prompts
 from chimera_vllm.vllm.engine import close_llm, intel_openmp_library
@@ -126,10 +127,9 @@ def test_sixteen_concurrent_requests_match_greedy_decoding(pair, server):
 
 
 def metric(text: str, name: str) -> float:
-    """A counter's value in Prometheus text, summed over its label sets."""
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert values, f"{name} is not in the server's metrics"
-    return sum(values)
+    """A counter's value in Prometheus text, summed over its label sets; it must be there."""
+    assert f"\n{name}{{" in text, f"{name} is not in the server's metrics"
+    return gauge(text, name)
 
 
 def test_too_long_request_is_refused_and_the_server_keeps_serving(pair, server):

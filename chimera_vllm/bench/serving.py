@@ -151,15 +151,22 @@ def serve(
                     proc.wait()
 
 
+def healthy(base: str, timeout_s: float = 10) -> bool:
+    """Whether the server at base answers its /health with 200."""
+    try:
+        return httpx.get(f"{base}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _wait_healthy(base: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"the vLLM server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
+        if healthy(base, timeout_s=2):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the vLLM server at {base} was not healthy within {timeout_s:g} s")
         time.sleep(1)

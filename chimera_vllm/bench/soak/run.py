@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from chimera_vllm.bench.serving import serve
+from chimera_vllm.bench.serving import healthy, serve
 from chimera_vllm.bench.soak.client import OUTCOMES, Outcome, send
 from chimera_vllm.bench.soak.traffic import RequestSpec
 
@@ -92,7 +92,7 @@ def soak_server(
         )  # fmt: skip
         report.duration_s = time.monotonic() - start
         report.count(outcomes)
-        alive = proc.poll() is None and _healthy(base)
+        alive = proc.poll() is None and healthy(base)
         report.crashes = 0 if alive else 1
         if alive:
             report.kv_usage_after_drain = kv_usage_once_drained(base)
@@ -177,10 +177,3 @@ def kv_usage_once_drained(base: str, timeout_s: float = 60) -> float | None:
 def gauge(metrics: str, name: str) -> float:
     """A metric's value in Prometheus text, summed over its label sets (0 when absent)."""
     return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + "{"))
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=10).status_code == 200
-    except httpx.HTTPError:
-        return False
