@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 
@@ -171,7 +172,7 @@ def test_make_prompts_keeps_distinct_finished_samples_of_the_user_turn(llama_dir
             out.append(ids if i == 3 else ids + [eos])  # sample 3 ran out of new tokens
         return out
 
-    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: engine)
+    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: contextlib.nullcontext(engine))
     out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=12))
     assert fed == [user_turn_prefix(tokenizer)] * 5
     prompts = read_prompts(out)
@@ -193,7 +194,7 @@ def test_make_prompts_starts_each_request_with_its_opener(llama_dir, tmp_path, m
             for i in range(first_index, first_index + len(prompts))
         ]
 
-    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: engine)
+    monkeypatch.setattr("chimera_vllm.training.make_data._engine", lambda args: contextlib.nullcontext(engine))
     out = make_prompts(_prompt_args(llama_dir, tmp_path / "p.jsonl", count=5, min_chars=8, openers=str(openers)))
     prefix = user_turn_prefix(tokenizer)
     opener_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in ("Explain", "Write a")]

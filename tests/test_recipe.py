@@ -14,10 +14,13 @@ from chimera_vllm.recipe.run import recipe, torchrun_command, train_args
 from chimera_vllm.testing.tiny import synthetic_corpus
 
 
-def chat_prompt_file(path, num_prompts: int, seed: int):
-    """Prefixes of grammar lines as chat turns (make-data renders every prompt as a chat message)."""
+def chat_prompt_file(path, num_prompts: int, seed: int, categories: tuple[str, ...] = ()):
+    """Prefixes of grammar lines as chat turns (make-data renders every prompt as a chat message),
+    the categories given taking turns."""
     lines = [line[: 10 + i % 20] for i, line in enumerate(synthetic_corpus(num_prompts, seed))]
-    path.write_text("".join(json.dumps({"turns": [line]}) + "\n" for line in lines))
+    records = [{"turns": [line]} | ({"category": categories[i % len(categories)]} if categories else {})
+               for i, line in enumerate(lines)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -60,10 +63,11 @@ def recipe_runs(trained_pair, tmp_path_factory):
     """The tiny target's recipe for each kind into one folder (Medusa by two processes, no cache)."""
     target_dir = trained_pair[0]
     root = tmp_path_factory.mktemp("recipe")
+    eval_file = chat_prompt_file(root / "eval.jsonl", 8, 123, categories=("shorter", "longer"))
     common = dict(
         target=str(target_dir), out=str(root / "out"), prompts=[str(chat_prompt_file(root / "p.jsonl", 256, 7))],
         max_new_tokens=48, data_engine="hf", data_dtype="float32", data_batch_size=64, num_heads=3, steps=60,
-        batch_size=16, lr=3e-3, save_dtype=None, eval_prompts=str(chat_prompt_file(root / "eval.jsonl", 8, 123)),
+        batch_size=16, lr=3e-3, save_dtype=None, eval_prompts=[str(eval_file)],
         eval_num_prompts=8, eval_max_new_tokens=24, eval_ks=[2], progress=False,
     )  # fmt: skip
     kinds = {}
@@ -86,5 +90,6 @@ def test_recipe_trains_a_working_draft_of_each_kind_on_the_same_data(recipe_runs
     assert (kind / "hidden.safetensors").is_file() == (head_type != "medusa")
     (row,) = json.loads((kind / "evaluation.json").read_text())["rows"]
     assert row["outputs_identical"] and row["tau"] > 1.2, row
+    assert set(row["tau_by_category"]) == {"shorter", "longer"} and min(row["tau_by_category"].values()) > 1.1
     card = (kind / "README.md").read_text()
     assert f"{row['tau']:.2f}" in card and "train/loss.png" in card and (kind / "train" / "loss.png").is_file()

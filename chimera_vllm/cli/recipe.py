@@ -46,8 +46,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="run the target every step instead of caching its hidden states (cheaper below ~one epoch)",
     )
     ev = r.add_argument_group("evaluation (vLLM, greedy, float32)")
-    ev.add_argument("--eval-prompts", default=d.eval_prompts, help="(default: MT-bench, turn 1)")
-    ev.add_argument("--eval-num-prompts", type=int, default=d.eval_num_prompts)
+    ev.add_argument(
+        "--eval-prompts",
+        nargs="+",
+        default=d.eval_prompts,
+        help="held-out prompt files, τ by their categories (default: MT-bench turn 1, the requests of other kinds)",
+    )
+    ev.add_argument("--eval-num-prompts", type=int, default=d.eval_num_prompts, help="the first N of each file")
     ev.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
     ev.add_argument("--eval-ks", type=int, nargs="+", default=d.eval_ks, help="draft tokens a step to measure")
     ev.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chimera_vllm.data import MT_BENCH, PROMPT_OPENERS
+from chimera_vllm.data import HELDOUT_OTHER_KINDS, MT_BENCH, PROMPT_OPENERS
 
 STAGES = ("prompts", "answers", "train", "export", "evaluate")
 """The recipe's stages in order (a kind's model card follows the last one)."""
@@ -43,8 +43,8 @@ class RecipeArgs:
     nproc: int = 1
     hidden_cache: bool = True  # the target's hidden states computed once (pays off past ~one epoch)
     # evaluation
-    eval_prompts: str = str(MT_BENCH)
-    eval_num_prompts: int = 80
+    eval_prompts: list[str] = field(default_factory=lambda: [str(MT_BENCH), str(HELDOUT_OTHER_KINDS)])
+    eval_num_prompts: int | None = None  # the first N of each file (None: all)
     eval_max_new_tokens: int = 128
     eval_ks: list[int] = field(default_factory=lambda: [2, 4])
     eval_batch_size: int = 16

@@ -28,10 +28,11 @@ def data_summary(path: Path) -> tuple[int, int]:
     return sequences, tokens
 
 
-def evaluation_rows(kind: Path) -> list[list[str]]:
-    """Method, τ, acceptance by position and identity of each row of the evaluation."""
+def evaluation_rows(kind: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """(method, τ, acceptance by position, identity) of each row of the evaluation, and τ by prompt
+    category (one row per category, one column per method)."""
     rows = json.loads((kind / "evaluation.json").read_text())["rows"]
-    return [
+    overall = [
         [
             r["method"],
             f"{r['tau']:.2f}",
@@ -40,6 +41,9 @@ def evaluation_rows(kind: Path) -> list[list[str]]:
         ]
         for r in rows
     ]
+    categories = sorted({c for r in rows for c in r["tau_by_category"]})
+    by_category = [[c] + [f"{r['tau_by_category'].get(c, float('nan')):.2f}" for r in rows] for c in categories]
+    return overall, by_category
 
 
 def write_card(args: RecipeArgs, kind: Path, stages: dict[str, dict]) -> Path:
@@ -50,6 +54,7 @@ def write_card(args: RecipeArgs, kind: Path, stages: dict[str, dict]) -> Path:
     sequences, tokens = data_summary(Path(args.out) / "data.jsonl")
     prompts = ", ".join(args.prompts) if args.prompts else f"{args.num_prompts} samples written by the target"
     wall = {stage: duration(v["wall_s"]) for stage, v in stages.items()}
+    overall, by_category = evaluation_rows(kind)
     method = SERVED_BY[args.head_type]
     spec = {"method": method, "model": served_draft(args, kind), "num_speculative_tokens": max(args.eval_ks)}
     if args.head_type == "residual":
@@ -82,12 +87,16 @@ def write_card(args: RecipeArgs, kind: Path, stages: dict[str, dict]) -> Path:
         "",
         "## Evaluation",
         "",
-        f"{args.eval_num_prompts} prompts of {Path(args.eval_prompts).name}, greedy, float32, ≤ "
+        f"{', '.join(Path(p).name for p in args.eval_prompts)} (held out), greedy, float32, ≤ "
         f"{args.eval_max_new_tokens} new tokens, vLLM batch {args.eval_batch_size}; τ (tokens per target "
         "step) and acceptance by position from vLLM's counters; outputs compared token for token with the "
         f"target's alone ({wall.get(f'{args.head_type}/evaluate', '-')}):",
         "",
-        markdown(["method", "τ", "acceptance by position", "outputs identical"], evaluation_rows(kind)),
+        markdown(["method", "τ", "acceptance by position", "outputs identical"], overall),
+        "",
+        "τ by prompt category (vLLM's per-request counts):",
+        "",
+        markdown(["category", *(row[0] for row in overall)], by_category),
         "",
     ]
     card = kind / "README.md"

@@ -10,8 +10,9 @@ Stages, each resumable and each recorded in OUT/stages.json with its wall time o
   torchrun with nproc > 1;
 * ``KIND/export`` (OUT/KIND/vllm, baselines only): the draft in vLLM's own format;
 * ``KIND/evaluate`` (OUT/KIND/evaluation.json): greedy float32 decoding of the evaluation prompts
-  in vLLM at each K, τ and acceptance by position from vLLM's counters, outputs checked token for
-  token against the target's alone (decoded once per OUT, OUT/baseline.json);
+  (MT-bench and the held-out requests of other kinds) in vLLM at each K, τ and acceptance by
+  position from vLLM's counters, τ by prompt category, outputs checked token for token against
+  the target's alone (decoded once per OUT, OUT/baseline.json);
 * ``KIND/card`` (OUT/KIND/README.md): the model card.
 
 Prompts and answers sit at OUT's top and serve every kind: drafts of several kinds trained into
@@ -33,6 +34,7 @@ from chimera_vllm.config import HEAD_TYPES
 from chimera_vllm.environment import vllm_log_to_file
 from chimera_vllm.recipe.args import SERVED_BY, STAGES, RecipeArgs, served_draft
 from chimera_vllm.recipe.card import write_card
+from chimera_vllm.reference.decoding import DecodeStats
 from chimera_vllm.training.make_data import MakeDataArgs, MakePromptsArgs, make_data, make_prompts
 from chimera_vllm.training.trainer import TrainArgs, train
 
@@ -63,14 +65,14 @@ def check_args(args: RecipeArgs) -> None:
     if args.head_type not in SERVED_BY:
         raise ValueError(f"head type {args.head_type!r}: use one of {', '.join(SERVED_BY)} (of {HEAD_TYPES})")
     for name in ("num_prompts", "steps", "batch_size", "nproc", "eval_num_prompts", "num_heads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
     if args.stop_after not in (None, *STAGES):
         raise ValueError(f"--stop-after {args.stop_after!r}: use one of {', '.join(STAGES)}")
     bad = [k for k in args.eval_ks if not 1 <= k <= args.num_heads]
     if bad or not args.eval_ks:
         raise ValueError(f"--eval-ks {args.eval_ks}: each K must be in 1..{args.num_heads} (the draft's heads)")
-    for path in [*(args.prompts or []), args.eval_prompts, *([args.openers] if args.openers else [])]:
+    for path in [*(args.prompts or []), *args.eval_prompts, *([args.openers] if args.openers else [])]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no file at {path}")
 
@@ -190,33 +192,53 @@ def _export(args: RecipeArgs, kind: Path) -> None:
 
 def _evaluate(args: RecipeArgs, kind: Path) -> None:
     """One vLLM engine per K; the target's own outputs once per recipe folder (OUT/baseline.json),
-    which every kind is compared with token for token. No speeds: the card reports τ, not timings
-    from engines started at other times (bench measures speed, alternating the methods)."""
-    from chimera_vllm.bench.throughput import run_engine
-    from chimera_vllm.data.prompts import encode_prompts
+    which every kind is compared with token for token. τ overall from vLLM's counters, by prompt
+    category from its per-request counts. No speeds: bench measures those, alternating methods."""
+    from chimera_vllm.data.prompts import encode, read_prompts
     from chimera_vllm.reference.target import eos_token_ids, generation_config, load_tokenizer
+    from chimera_vllm.vllm.engine import close_llm, generate, make_llm
 
     tokenizer = load_tokenizer(args.target)
-    prompts = encode_prompts(args.eval_prompts, tokenizer)[: args.eval_num_prompts]
+    prompts = [p for path in args.eval_prompts for p in read_prompts(path)[: args.eval_num_prompts]]
+    encoded = [encode(tokenizer, p) for p in prompts]
     eos = eos_token_ids(tokenizer, generation_config(args.target))
     method = SERVED_BY[args.head_type]
 
-    def measure(m: Method) -> dict:
-        (row,) = run_engine(
-            args.target, m, {method: served_draft(args, kind)}, "float32", args.eval_batch_size, prompts,
-            args.eval_max_new_tokens, [0.0], eos, args.progress, enforce_eager=True,
-        )  # fmt: skip
-        return {"method": str(m), "tau": row.mean_accepted_length, "acceptance_by_position":
-                row.acceptance_by_position, "output_tokens": row.output_tokens, "outputs": row.outputs}  # fmt: skip
+    def decode(m: Method) -> tuple[list[list[int]], DecodeStats]:
+        spec = m.spec({method: served_draft(args, kind)})
+        engine = dict(max_num_seqs=args.eval_batch_size, enforce_eager=True)
+        if spec is not None:  # vLLM refuses per-request counts without speculation
+            engine["per_request_spec_decode_metrics"] = "summary"
+        llm = make_llm(args.target, spec, "float32", **engine)
+        try:
+            return generate(llm, encoded, args.eval_max_new_tokens, 0.0, 0, eos, m.k, args.progress)
+        finally:
+            close_llm(llm)
 
     settings = {"prompts": args.eval_prompts, "num_prompts": len(prompts), "max_new_tokens": args.eval_max_new_tokens}
     cached = Path(args.out) / "baseline.json"
     baseline = json.loads(cached.read_text()) if cached.is_file() else None
     if baseline is None or baseline["settings"] != settings:
-        baseline = {"settings": settings, **measure(Method("none"))}
+        baseline = {"settings": settings, "outputs": decode(Method("none"))[0]}
         cached.write_text(json.dumps(baseline))
-    rows = [measure(Method(method, k)) for k in args.eval_ks]
-    for row in rows:
-        row["outputs_identical"] = row.pop("outputs") == baseline["outputs"]
+    rows = []
+    for k in args.eval_ks:
+        outputs, stats = decode(Method(method, k))
+        summary = stats.to_dict()
+        rows.append({
+            "method": f"{method}:{k}", "tau": summary["mean_accepted_length"],
+            "acceptance_by_position": summary["acceptance_by_position"],
+            "tau_by_category": tau_by_category(prompts, stats),
+            "outputs_identical": outputs == baseline["outputs"],
+        })  # fmt: skip
     report = {"settings": settings, "target": args.target, "draft": served_draft(args, kind), "rows": rows}
     (kind / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def tau_by_category(prompts: list, stats: DecodeStats) -> dict[str, float]:
+    """τ over the requests of each prompt category (a prompt without one counts as "other")."""
+    totals: dict[str, list[int]] = {}
+    for prompt, steps, accepted in zip(prompts, stats.steps_by_request, stats.accepted_by_request):
+        total = totals.setdefault(prompt.category or "other", [0, 0])
+        total[0], total[1] = total[0] + steps, total[1] + accepted
+    return {category: (steps + accepted) / max(steps, 1) for category, (steps, accepted) in totals.items()}

@@ -12,9 +12,11 @@ docs/vllm-integration.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +129,9 @@ class HFEngine:
         outputs, _ = decoder.generate(prompts, self.args.max_new_tokens, eos)
         return outputs
 
+    def close(self) -> None:
+        del self.target
+
 
 class VLLMEngine:
     def __init__(self, args: MakeDataArgs | MakePromptsArgs):
@@ -142,14 +147,25 @@ class VLLMEngine:
         outputs, _ = generate(self.llm, prompts, a.max_new_tokens, a.temperature, a.seed + first_index, eos)
         return outputs
 
+    def close(self) -> None:
+        from chimera_vllm.vllm.engine import close_llm
+
+        close_llm(self.llm)
+
 
 def _check_engine(name: str) -> None:
     if name not in ("hf", "vllm"):
         raise ValueError(f"engine must be hf or vllm, got {name!r}")
 
 
-def _engine(args: MakeDataArgs | MakePromptsArgs) -> HFEngine | VLLMEngine:
-    return (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
+@contextlib.contextmanager
+def _engine(args: MakeDataArgs | MakePromptsArgs) -> Iterator[HFEngine | VLLMEngine]:
+    """The engine, stopped on the way out: a recipe goes on to start others in the same process."""
+    engine = (VLLMEngine if args.engine == "vllm" else HFEngine)(args)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def _eos(tokenizer) -> set[int]:
@@ -180,9 +196,8 @@ def make_data(args: MakeDataArgs) -> Path:
     if done >= len(order):
         return out
     eos = _eos(tokenizer)
-    engine = _engine(args)
     bar = tqdm(total=len(order), initial=done, unit="prompt", disable=not args.progress)
-    with out.open("a") as f:
+    with _engine(args) as engine, out.open("a") as f:
         for start in range(done, len(order), args.batch_size):
             batch = [prompts[i] for i in order[start : start + args.batch_size]]
             ids = [encoded[i] for i in order[start : start + args.batch_size]]
@@ -229,9 +244,8 @@ def make_prompts(args: MakePromptsArgs) -> Path:
     if done >= args.count:
         return out
     opener_ids = [tokenizer(o, add_special_tokens=False).input_ids for o in openers]
-    engine = _engine(args)
     bar = tqdm(total=args.count, initial=done, unit="sample", disable=not args.progress)
-    with out.open("a") as f:
+    with _engine(args) as engine, out.open("a") as f:
         for start in range(done, args.count, args.batch_size):
             n = min(args.batch_size, args.count - start)
             chosen = [(start + i) % len(openers) for i in range(n)]

@@ -204,6 +204,10 @@ def generate(
         output_tokens=output_tokens,
         wall_s=wall,
     )
+    per_request = [r.outputs[0].spec_decode_metrics for r in results]
+    if all(m is not None for m in per_request):  # an engine with per_request_spec_decode_metrics
+        stats.steps_by_request = [sum(m.histogram) for m in per_request]
+        stats.accepted_by_request = [sum(j * n for j, n in enumerate(m.histogram)) for m in per_request]
     return outputs, stats
 
 
