@@ -8,9 +8,11 @@ import json
 import pytest
 
 from chimera_vllm import cli
+from chimera_vllm.data.prompts import Prompt
 from chimera_vllm.model.base import DraftModel
 from chimera_vllm.recipe.args import RecipeArgs
-from chimera_vllm.recipe.run import recipe, torchrun_command, train_args
+from chimera_vllm.recipe.run import recipe, tau_by_category, torchrun_command, train_args
+from chimera_vllm.reference.decoding import DecodeStats
 from chimera_vllm.testing.tiny import synthetic_corpus
 
 
@@ -46,6 +48,12 @@ def test_recipe_refuses_bad_options_before_any_stage(llama_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no file at nowhere.jsonl"):
         recipe(RecipeArgs(target=str(llama_dir), out=str(tmp_path), prompts=["nowhere.jsonl"]))
     assert not (tmp_path / "stages.json").exists()
+
+
+def test_tau_by_category_pools_the_requests_of_each_category():
+    prompts = [Prompt("f:1", "a", True, "math"), Prompt("f:2", "b", True, "math"), Prompt("f:3", "c", True)]
+    stats = DecodeStats(2, steps_by_request=[4, 6, 5], accepted_by_request=[4, 1, 0])
+    assert tau_by_category(prompts, stats) == {"math": (10 + 5) / 10, "other": 1.0}
 
 
 def test_training_under_torchrun_gets_the_same_arguments(tmp_path):
