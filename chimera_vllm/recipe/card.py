@@ -74,12 +74,13 @@ def write_card(args: RecipeArgs, kind: Path, stages: dict[str, dict]) -> Path:
         "",
         "## Training",
         "",
-        f"- {args.steps} steps of batch {args.batch_size} on {args.nproc} process(es), lr {args.lr} "
+        f"- {args.steps} steps of batch {args.batch_size} x {args.nproc} process(es), lr {args.lr} "
         f"(warm-up {args.warmup_steps}, cosine), labels: {args.labels}, {args.train_dtype}, "
         f"saved in {args.save_dtype or args.train_dtype}",
         f"- draft vocabulary: {draft.config.draft_vocab_size or 'the whole vocabulary'}; "
         f"{draft.num_heads} draft steps at most",
-        f"- wall time: {wall.get(f'{args.head_type}/train', '-')} (the hidden-state cache included)",
+        f"- wall time: {wall.get(f'{args.head_type}/train', '-')} "
+        f"({'building the hidden-state cache included' if args.hidden_cache else 'the target run every step'})",
         f"- parameters: {sum(p.numel() for p in draft.parameters()):,}; bytes read per draft token: "
         f"{draft.weights_read_per_step() * dtype_bytes:,} ({dtype_bytes}-byte weights, LM-head rows included)",
         "",
