@@ -15,6 +15,7 @@ from chimera_vllm.config import ChimeraConfig, ChimeraConfigError, TargetSpec
 from chimera_vllm.model.base import DraftInputs, DraftModel, TargetParts
 from chimera_vllm.model.checkpoint import init_draft
 from chimera_vllm.model.eagle3 import Eagle3Draft, default_aux_layers, step_context_mask
+from chimera_vllm.reference.decoding import SpeculativeDecoder
 from chimera_vllm.reference.target import final_and_aux_hidden
 from chimera_vllm.testing.tiny import grammar_prompts
 from chimera_vllm.training.objective import ChimeraObjective, LossWeights
@@ -209,8 +210,9 @@ def _untouched_by_the_plugin(worker) -> dict:
 def test_vllms_eagle3_proposer_serves_the_export_lossless_drafting_as_the_model(
     trained_pair, eagle3_run, tmp_path, monkeypatch
 ):
-    """`method: eagle3` on the export: vLLM's own Eagle3LlamaForCausalLM and EAGLE proposer, none of
-    the plugin's per-engine changes; greedy outputs equal the target's alone, and vLLM's draft and
+    """The export as `vllm serve EXPORT` takes it (the speculators route: its config names the
+    target): vLLM's own Eagle3LlamaForCausalLM and EAGLE proposer, none of the plugin's per-engine
+    changes; greedy outputs equal the target's alone (the reference decoder's), and vLLM's draft and
     acceptance counts equal those of this project's model drafting the same chains."""
     pytest.importorskip("vllm")
     from vllm import LLM, SamplingParams
@@ -222,27 +224,16 @@ def test_vllms_eagle3_proposer_serves_the_export_lossless_drafting_as_the_model(
     draft = Eagle3Draft.from_pretrained(eagle3_run, target.config)
     prompts = grammar_prompts(tokenizer, 8, seed=5)
     K, max_tokens = 3, 24
-    engine = dict(dtype="float32", enforce_eager=True, max_model_len=512, block_size=32, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens + K + 1, ignore_eos=True)
+    continuations, _ = SpeculativeDecoder(target).generate(prompts, max_tokens + K + 1)
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the engine inspection below
-    llm = LLM(model=str(target_dir), kv_cache_memory_bytes=64 << 20, **engine)
+    engine = dict(dtype="float32", enforce_eager=True, max_model_len=512, block_size=32, seed=0)
+    llm = LLM(model=str(tmp_path), disable_log_stats=False, kv_cache_memory_bytes=64 << 20, **engine)
     try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        continuations = [list(o.outputs[0].token_ids) for o in outs]
-    finally:
-        close_llm(llm)
-    spec = {"method": "eagle3", "model": str(tmp_path), "num_speculative_tokens": K}
-    llm = LLM(
-        model=str(target_dir),
-        speculative_config=spec,
-        disable_log_stats=False,
-        kv_cache_memory_bytes=64 << 20,
-        **engine,
-    )
-    try:
+        spec = llm.llm_engine.vllm_config.speculative_config
+        assert (spec.method, spec.num_speculative_tokens) == ("eagle3", K)
         (inspected,) = llm.collective_rpc(_untouched_by_the_plugin)
         assert inspected == {"model": "Eagle3LlamaForCausalLM", "is_chimera": False, "instance_patches": []}
-        params.max_tokens = max_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outs] == [c[:max_tokens] for c in continuations]
         got = SpecCounters.read(llm)
