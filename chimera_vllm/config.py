@@ -181,15 +181,17 @@ class ChimeraConfig:
 
     # --- serialisation -------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
+    def speculators_header(self, algorithm: str, architecture: str) -> dict[str, Any]:
+        """The fields every speculators config.json opens with, for a draft of this shape and target
+        (``algorithm``: "chimera", or "eagle3" for the EAGLE-3 baseline's export)."""
         layer = self.layer_config().to_diff_dict()
         layer.pop("transformers_version", None)
         layer["architectures"] = ["LlamaForCausalLM"]
         return {
-            "architectures": [DRAFT_ARCHITECTURE],
-            "speculators_model_type": SPECULATORS_MODEL_TYPE,
+            "architectures": [architecture],
+            "speculators_model_type": algorithm,
             "speculators_config": {
-                "algorithm": SPECULATORS_MODEL_TYPE,
+                "algorithm": algorithm,
                 "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": self.num_heads}],
                 "default_proposal_method": "greedy",
                 "verifier": {
@@ -198,6 +200,11 @@ class ChimeraConfig:
                 },
             },
             "transformer_layer_config": layer,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.speculators_header(SPECULATORS_MODEL_TYPE, DRAFT_ARCHITECTURE),
             "target_hidden_size": self.target.hidden_size,
             "target": asdict(self.target),
             "chimera": {

@@ -192,22 +192,8 @@ def export_vllm_eagle3(draft: Eagle3Draft, out: str | Path, dtype: torch.dtype |
     if draft.draft_vocab is not None:
         state["d2t"] = draft.draft_vocab - torch.arange(len(draft.draft_vocab), device=draft.draft_vocab.device)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    layer = config.layer_config().to_diff_dict()
-    layer.pop("transformers_version", None)
-    layer["architectures"] = ["LlamaForCausalLM"]
     speculator = {
-        "architectures": ["Eagle3Speculator"],
-        "speculators_model_type": "eagle3",
-        "speculators_config": {
-            "algorithm": "eagle3",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": config.num_heads}],
-            "default_proposal_method": "greedy",
-            "verifier": {
-                "name_or_path": config.verifier_name_or_path,
-                "architectures": list(config.verifier_architectures),
-            },
-        },
-        "transformer_layer_config": layer,
+        **config.speculators_header("eagle3", "Eagle3Speculator"),
         "draft_vocab_size": config.draft_vocab_size or config.vocab_size,
         "target_hidden_size": config.hidden_size,
         "norm_before_residual": True,
