@@ -178,11 +178,17 @@ class DraftModel(nn.Module):
         The LM-head product of every draft step then reads len(token_ids) rows instead of V;
         decoding stays lossless, as the target verifies every drafted token.
         """
+        ids = self.vocab_ids(token_ids)
+        self.config.draft_vocab_size = ids.numel()
+        self.draft_vocab = ids
+
+    def vocab_ids(self, token_ids: Tensor) -> Tensor:
+        """The distinct ids of token_ids, sorted, on the draft's device; refused unless they are
+        target token ids."""
         ids = torch.unique(token_ids.long().flatten())
         if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
             raise ChimeraConfigError(f"draft vocabulary ids must lie in 0..{self.config.vocab_size - 1}")
-        self.config.draft_vocab_size = ids.numel()
-        self.draft_vocab = ids.to(next(self.parameters()).device)
+        return ids.to(next(self.parameters()).device)
 
     def _draft_tokens(
         self, step: int, h_hat: Tensor | None, anchor: Tensor, parts: TargetParts, choose: TokenChooser | None

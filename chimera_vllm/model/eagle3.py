@@ -119,9 +119,7 @@ class Eagle3Draft(DraftModel):
     def set_draft_vocab(self, token_ids: Tensor) -> None:
         """Keep the LM head's rows of these tokens: the vocabulary can only shrink, as the draft
         holds no rows of tokens outside it."""
-        ids = torch.unique(token_ids.long().flatten()).to(self.lm_head.weight.device)
-        if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
-            raise ChimeraConfigError(f"draft vocabulary ids must lie in 0..{self.config.vocab_size - 1}")
+        ids = self.vocab_ids(token_ids)
         index = self.draft_vocab_index(ids, self.config.vocab_size)
         outside = ids[index < 0]
         if outside.numel():
